@@ -1,0 +1,63 @@
+"""Shared building blocks of the experiment configs (not an experiment itself)."""
+from __future__ import annotations
+
+import ml_collections
+
+
+def model(**overrides) -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.family = "resnet"          # backbone family (tlresearch.models.FAMILIES)
+  m.width = 16                 # channels of stage1; stage i has width * 2**(i-1)
+  m.blocks_per_stage = 1       # residual blocks per stage: ResNet-(6n+2), n=1 -> ResNet-8
+  m.num_stages = 3             # groups: stem, stage1..stage{num_stages}, head
+  m.stem_strides = 2           # 2: stages run at 16/8/4 px, ~10x faster on CPU than 32/16/8
+  m.dropout_rate = 0.0         # dropout on the pooled features, before the classifier
+  m.update(overrides)
+  return m
+
+
+def train(**overrides) -> ml_collections.ConfigDict:
+  t = ml_collections.ConfigDict()
+  t.epochs = 30                # epoch budget (the schedule is laid out over all of it)
+  t.batch_size = 64            # capped at the training-set size
+  t.optimizer = "sgd"          # sgd (Nesterov momentum) | adam | adamw
+  t.lr = 0.05                  # peak learning rate (x each group's multiplier)
+  t.warmup_epochs = 1.0        # linear warmup, then cosine decay to 0 over the budget
+  t.weight_decay = 5e-4        # on kernels of trainable groups only
+  t.momentum = 0.9             # sgd only
+  t.cache_frozen_prefix = True  # run a frozen prefix once per split instead of every step
+  t.augment = ml_collections.ConfigDict()
+  t.augment.enabled = False    # classic augmentation on device (rotation, shifts, shear, zoom)
+  t.augment.rotation = 15.0    # max degrees
+  t.augment.width_shift = 0.1  # max fraction of the width
+  t.augment.height_shift = 0.1  # max fraction of the height
+  t.augment.shear = 10.0       # max degrees
+  t.augment.zoom = 0.1         # scale in [1 - zoom, 1 + zoom]
+  t.augment.horizontal_flip = False  # off: glyphs and digits are not mirror-symmetric
+  t.early_stopping = ml_collections.ConfigDict()
+  t.early_stopping.enabled = True  # stop after `patience` epochs without improvement,
+  #                                  then restore the best epoch's weights
+  t.early_stopping.monitor = "val_accuracy"  # val_accuracy | val_loss
+  t.early_stopping.patience = 5  # epochs without improvement before stopping
+  t.early_stopping.min_delta = 0.0  # smallest change that counts as improvement
+  t.update(overrides)
+  return t
+
+
+def pretrain() -> ml_collections.ConfigDict:
+  p = ml_collections.ConfigDict()
+  p.dataset = "glyphs_source"  # source task (tlresearch.data.DATASETS)
+  p.data_dir = ""              # "" -> $TLRESEARCH_DATA_DIR or ~/.cache/tlresearch/tensorflow_datasets
+  p.seed = 0                   # one pretrained backbone serves every fine-tuning seed
+  p.model = model()            # its architecture fields are taken from the fine-tuned model
+  p.train = train(epochs=12, batch_size=128, lr=0.1)
+  p.train.early_stopping.patience = 3
+  return p
+
+
+def report() -> ml_collections.ConfigDict:
+  r = ml_collections.ConfigDict()
+  # (axis, column name) pairs for tables; axes without one are shown by their config key.
+  r.axis_labels = [("model.dropout_rate", "dropout"), ("train.augment.enabled", "augmentation"),
+                   ("train.early_stopping.enabled", "early stopping")]
+  return r

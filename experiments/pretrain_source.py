@@ -1,0 +1,16 @@
+"""Pretrain the default backbone on the source glyph task and cache its checkpoint.
+
+`finetune_sweep` builds the same checkpoint on demand; run this to build it ahead of time or
+to see the source accuracy. The cache key is the whole pretraining config.
+"""
+import ml_collections
+
+from experiments import _common
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.kind = "pretrain"          # what tlresearch.run does with this config
+  c.cache_dir = ""             # "" -> $TLRESEARCH_CACHE_DIR or ~/.cache/tlresearch
+  c.pretrain = _common.pretrain()  # the source task, backbone and training
+  return c

@@ -1,0 +1,58 @@
+"""The classic image augmentations, on device, in JAX: rotation, width/height shift, shear,
+zoom and horizontal flip (the Keras `ImageDataGenerator` list), as one random affine map per
+image sampled with bilinear interpolation and nearest-edge fill."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+  rotation: float = 0.0       # max degrees, uniform in [-r, r]
+  width_shift: float = 0.0    # max fraction of the width
+  height_shift: float = 0.0   # max fraction of the height
+  shear: float = 0.0          # max shear angle in degrees
+  zoom: float = 0.0           # scale uniform in [1 - z, 1 + z], x and y independently
+  horizontal_flip: bool = False
+
+  @classmethod
+  def from_config(cls, cfg) -> "AugmentSpec | None":
+    if not cfg.enabled:
+      return None
+    return cls(float(cfg.rotation), float(cfg.width_shift), float(cfg.height_shift),
+               float(cfg.shear), float(cfg.zoom), bool(cfg.horizontal_flip))
+
+
+def _one(key, image, spec: AugmentSpec):
+  h, w, c = image.shape
+  k = jax.random.split(key, 7)
+  u = lambda key, m: jax.random.uniform(key, (), minval=-m, maxval=m)
+  theta = jnp.deg2rad(u(k[0], spec.rotation))
+  shear = jnp.deg2rad(u(k[1], spec.shear))
+  zy, zx = 1.0 + u(k[2], spec.zoom), 1.0 + u(k[3], spec.zoom)
+  ty, tx = u(k[4], spec.height_shift) * h, u(k[5], spec.width_shift) * w
+  flip = jax.random.bernoulli(k[6]) & spec.horizontal_flip
+  # Inverse map: for each output pixel, where to read in the input (rotation @ shear @ zoom).
+  cos, sin = jnp.cos(theta), jnp.sin(theta)
+  rot = jnp.array([[cos, -sin], [sin, cos]])
+  shr = jnp.array([[1.0, 0.0], [jnp.sin(shear), jnp.cos(shear)]])
+  zoom = jnp.diag(jnp.array([zy, zx]))
+  m = rot @ shr @ zoom
+  cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+  yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                        indexing="ij")
+  xx = jnp.where(flip, w - 1 - xx, xx)
+  src = m @ jnp.stack([(yy - cy).ravel(), (xx - cx).ravel()])
+  sy = (src[0] + cy + ty).reshape(h, w)
+  sx = (src[1] + cx + tx).reshape(h, w)
+  sample = lambda ch: jax.scipy.ndimage.map_coordinates(ch, [sy, sx], order=1, mode="nearest")
+  return jax.vmap(sample, in_axes=2, out_axes=2)(image)
+
+
+def augment(key, images, spec: AugmentSpec):
+  """Independently augmented copies of `images` [B, H, W, C] (float)."""
+  keys = jax.random.split(key, images.shape[0])
+  return jax.vmap(lambda k, x: _one(k, x, spec))(keys, images)

@@ -1,0 +1,150 @@
+"""Expand a config's grid into cells, check them all before training, run the unfinished ones.
+
+`config.grid` is a list of blocks; each block maps config keys (dotted paths) to the values
+to cross. Every block is crossed with `config.targets` and `config.seeds`. A design that is
+not a full cross product (e.g. regularisers only for linear_probe and full) is several
+blocks. A cell's axes are the union of all blocks' keys, with the base value wherever its
+block does not set one, so every row of `runs.csv` names its complete configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+
+import ml_collections
+
+from tlresearch import data as data_lib
+from tlresearch import models, strategies
+from tlresearch.errors import UserError, choices
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  id: str
+  axes: dict
+  config: ml_collections.ConfigDict
+
+
+def _get(cfg, dotted: str):
+  node = cfg
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      raise UserError(f"grid axis '{dotted}' is not a config key")
+    node = node[part]
+  return node
+
+
+def axes_of(config) -> list[str]:
+  keys = []
+  for block in config.grid:
+    keys += [k for k in block if k not in keys]
+  return keys + ["target", "seed"]
+
+
+def _slug(v) -> str:
+  return re.sub(r"[^A-Za-z0-9.]+", "-", str(v)).strip("-")
+
+
+def cell_id(axes: dict) -> str:
+  digest = hashlib.sha1(json.dumps(axes, sort_keys=True).encode()).hexdigest()[:8]
+  return "_".join(_slug(v) for v in axes.values()) + "-" + digest
+
+
+def expand(config) -> list[Cell]:
+  """All cells of the grid, in a stable order, duplicates removed."""
+  if not config.grid:
+    raise UserError("config.grid is empty: nothing to run")
+  keys = axes_of(config)
+  base = {k: _get(config, k) for k in keys if k not in ("target", "seed")}
+  cells, seen = [], set()
+  for block in config.grid:
+    combos = [{}]
+    for key, values in block.items():
+      _get(config, key)
+      if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise UserError(f"grid values for '{key}' must be a list, got {values!r}")
+      combos = [{**c, key: v} for c in combos for v in values]
+    for target in config.targets:
+      for combo in combos:
+        for seed in config.seeds:
+          axes = {**base, **combo, "target": target, "seed": seed}
+          axes = {k: axes[k] for k in keys}
+          frozen = json.dumps(axes, sort_keys=True)
+          if frozen in seen:
+            continue
+          seen.add(frozen)
+          cfg = ml_collections.ConfigDict(config.to_dict())
+          del cfg["grid"]
+          for k, v in axes.items():
+            _set(cfg, k, v)
+          cells.append(Cell(cell_id(axes), axes, cfg))
+  return cells
+
+
+def _set(cfg, dotted: str, value):
+  *parents, leaf = dotted.split(".")
+  node = cfg
+  for p in parents:
+    node = node[p]
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise UserError(f"grid value {value!r} for '{dotted}' has the wrong type ({e})") from None
+
+
+def check(cfg) -> None:
+  """Raises UserError for any invalid value in a cell's config, before anything trains."""
+  t = cfg.train
+  if cfg.target not in data_lib.DATASETS:
+    raise UserError(f"unknown target '{cfg.target}'; valid: {choices(data_lib.DATASETS)}")
+  models.build(cfg.model, 2)  # family and architecture fields
+  groups = models.groups_of(cfg.model)
+  strategies.get(cfg.strategy, groups)
+  rules = [
+      (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
+      (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+      (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+      (t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}"),
+      (t.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {t.warmup_epochs}"),
+      (0 <= cfg.model.dropout_rate < 1,
+       f"model.dropout_rate must be in [0, 1), got {cfg.model.dropout_rate}"),
+      (t.early_stopping.patience >= 1,
+       f"train.early_stopping.patience must be >= 1, got {t.early_stopping.patience}"),
+      (t.early_stopping.monitor in ("val_accuracy", "val_loss"),
+       f"train.early_stopping.monitor must be one of val_accuracy, val_loss, "
+       f"got '{t.early_stopping.monitor}'"),
+      (t.optimizer in ("sgd", "adam", "adamw"),
+       f"unknown train.optimizer '{t.optimizer}'; valid: adam, adamw, sgd"),
+      (cfg.k_shot is None or cfg.k_shot >= 0,
+       f"k_shot must be >= 1 (or 0 / None for all examples), got {cfg.k_shot}"),
+  ]
+  for ok, message in rules:
+    if not ok:
+      raise UserError(message)
+
+
+def check_all(cells) -> None:
+  """Every cell's values, and every (target, k_shot, seed) subset actually loadable."""
+  for cell in cells:
+    check(cell.config)
+  for target, data_dir, k, seed in sorted({(c.config.target, c.config.data_dir,
+                                            c.config.k_shot or 0, c.config.seed)
+                                           for c in cells}, key=str):
+    data_lib.load(target, data_dir=data_dir or None, k_shot=k or None, seed=seed)
+
+
+def finished(cell_dir: str, cell: Cell) -> dict | None:
+  """The cell's final.json when it finished under exactly this config, else None."""
+  try:
+    with open(os.path.join(cell_dir, "config.json")) as f:
+      saved = json.load(f)
+    with open(os.path.join(cell_dir, "final.json")) as f:
+      final = json.load(f)
+  except (OSError, ValueError):
+    return None
+  same = saved.get("config") == json.loads(json.dumps(cell.config.to_dict()))
+  return final if same and final.get("status") in ("ok", "diverged") else None

@@ -1,0 +1,102 @@
+"""Pretraining on the source task, cached by the config that made it.
+
+The checkpoint lives in `<cache_dir>/pretrained/<source>-<hash>/` where the hash covers the
+whole pretraining config (data, architecture, optimisation, seed), so any change that would
+give different weights gives a different folder, and a second sweep reuses the first one's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from sklearn import metrics as skm
+
+from tlresearch import data as data_lib
+from tlresearch import io, models, strategies, train
+
+# Bump when a code change alters what a given pretraining config produces.
+FORMAT_VERSION = 1
+# Architecture fields the fine-tuned model must share with its pretrained backbone.
+ARCH_FIELDS = ("family", "width", "blocks_per_stage", "num_stages", "stem_strides")
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("TLRESEARCH_CACHE_DIR",
+                        os.path.join(os.path.expanduser("~"), ".cache", "tlresearch"))
+
+
+def for_model(pretrain_cfg, model_cfg) -> ml_collections.ConfigDict:
+  """The pretraining config whose backbone has `model_cfg`'s architecture."""
+  p = ml_collections.ConfigDict(pretrain_cfg.to_dict())
+  for f in ARCH_FIELDS:
+    p.model[f] = model_cfg[f]
+  return p
+
+
+def cache_key(pcfg) -> str:
+  blob = json.dumps({"format": FORMAT_VERSION, "config": pcfg.to_dict()}, sort_keys=True)
+  return f"{pcfg.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def checkpoint_dir(pcfg, cache_dir: str | None = None) -> str:
+  return os.path.join(cache_dir or default_cache_dir(), "pretrained", cache_key(pcfg))
+
+
+def train_source(pcfg, log=print) -> tuple[dict, dict]:
+  """Trains the backbone on the source task from scratch; returns (variables, summary)."""
+  t0 = time.perf_counter()
+  ds = data_lib.load(pcfg.dataset, data_dir=pcfg.data_dir or None, seed=pcfg.seed)
+  model = models.build(pcfg.model, ds.num_classes)
+  keys = train.CellKeys.from_seed(pcfg.seed)
+  variables = model.init(keys.init, jnp.zeros((1,) + ds.train_x.shape[1:], jnp.float32))
+  log(f"pretraining {pcfg.model.family} on {pcfg.dataset} ({len(ds.train_x)} images, "
+      f"{pcfg.train.epochs} epochs)")
+  result = train.fit(model, variables, strategies.full(model.groups), ds, pcfg.train, keys, log)
+  summary = {"dataset": pcfg.dataset, "test_accuracy": result["test"]["accuracy"],
+             "test_macro_f1": float(skm.f1_score(ds.test_y, result["test_predictions"],
+                                                 average="macro")),
+             "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+             "seconds": time.perf_counter() - t0, "history": result["history"]}
+  return jax.device_get(result["variables"]), summary
+
+
+def save(path: str, variables: dict, pcfg, summary: dict) -> None:
+  """Writes the checkpoint beside the config that made it, atomically (tmp folder, rename)."""
+  import orbax.checkpoint as ocp
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(os.path.join(tmp, "variables"), variables)
+  ckpt.wait_until_finished()
+  io.write_json(os.path.join(tmp, "config.json"), pcfg.to_dict())
+  io.write_json(os.path.join(tmp, "summary.json"), summary)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.replace(tmp, path)
+
+
+def restore(path: str) -> dict:
+  import orbax.checkpoint as ocp
+  return ocp.StandardCheckpointer().restore(os.path.join(path, "variables"))
+
+
+def get_or_build(pcfg, cache_dir: str | None = None, log=print) -> tuple[dict, str]:
+  """Pretrained variables for `pcfg`: from the cache, or trained and cached now."""
+  path = checkpoint_dir(pcfg, cache_dir)
+  if os.path.exists(os.path.join(path, "summary.json")):
+    log(f"using cached pretrained backbone {path}")
+    return restore(path), path
+  log(f"no cached pretrained backbone for this config; building {path}")
+  variables, summary = train_source(pcfg, log)
+  save(path, variables, pcfg, summary)
+  log(f"pretrained: source test accuracy {100 * summary['test_accuracy']:.1f}% "
+      f"in {summary['seconds']:.0f}s")
+  return variables, path

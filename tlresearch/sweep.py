@@ -1,0 +1,78 @@
+"""Run an experiment: the grid of cells, then the tables, or the source pretraining alone."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from tqdm import tqdm
+
+from tlresearch import cell as cell_lib
+from tlresearch import grid, io, pretrain, report, train
+
+
+def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool = False,
+             progress: bool = True) -> dict:
+  """Runs every unfinished cell of `config`'s grid and writes `results_dir/name/`."""
+  t0 = time.perf_counter()
+  cells = grid.expand(config)
+  grid.check_all(cells)  # every bad value and every bad dataset fails here, before training
+  if overwrite and os.path.exists(workdir):
+    shutil.rmtree(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  pretrained = {}
+
+  def backbone(cfg):
+    pcfg = pretrain.for_model(cfg.pretrain, cfg.model)
+    key = pretrain.cache_key(pcfg)
+    if key not in pretrained:
+      pretrained[key] = pretrain.get_or_build(pcfg, cfg.cache_dir or None, log=tqdm.write)[0]
+    return pretrained[key]
+
+  finals, reused = [], 0
+  bar = tqdm(cells, desc=name, unit="cell", disable=not progress, dynamic_ncols=True)
+  for c in bar:
+    cell_dir = os.path.join(workdir, c.id)
+    final = grid.finished(cell_dir, c)
+    if final is not None:
+      reused += 1
+    else:
+      from tlresearch import strategies, models
+      needs = strategies.get(c.config.strategy, models.groups_of(c.config.model)).pretrained
+      final = cell_lib.run(c.config, c.id, c.axes, cell_dir,
+                           backbone(c.config) if needs else None, log=tqdm.write)
+      tqdm.write(_summary_line(final))
+    finals.append(final)
+  out_dir = os.path.join(results_dir, name)
+  axes = grid.axes_of(config)
+  paths = report.write(finals, axes, out_dir, name, dict(config.report.axis_labels))
+  seconds = time.perf_counter() - t0
+  summary = {"cells": len(cells), "reused": reused, "seconds": seconds,
+             "compile_seconds": train.COMPILE_SECONDS[0], "outputs": paths}
+  print(f"{name}: {len(cells)} cells ({reused} reused) in {seconds:.0f}s; wrote "
+        + ", ".join(paths))
+  return summary
+
+
+def _summary_line(f: dict) -> str:
+  axes = " ".join(f"{k.split('.')[-1]}={v}" for k, v in f["axes"].items())
+  return (f"[{f['status']}] {axes}: test acc {100 * f['test_accuracy']:.1f}% "
+          f"F1 {100 * f['test_macro_f1']:.1f}% best epoch {f['best_epoch']}/{f['epochs_run']} "
+          f"{f['trainable_params']:,} trainable, {f['wall_seconds']:.1f}s "
+          f"(compile {f['compile_seconds']:.1f}s)")
+
+
+def run_pretrain(config, name: str, results_dir: str, overwrite: bool = False) -> dict:
+  """Builds (or reuses) the cached source checkpoint and writes its summary to results."""
+  pcfg = pretrain.for_model(config.pretrain, config.pretrain.model)
+  path = pretrain.checkpoint_dir(pcfg, config.cache_dir or None)
+  if overwrite and os.path.exists(path):
+    shutil.rmtree(path)
+  _, path = pretrain.get_or_build(pcfg, config.cache_dir or None)
+  summary = io.read_json(os.path.join(path, "summary.json"))
+  out = os.path.join(results_dir, name, "summary.json")
+  io.write_json(out, {**{k: v for k, v in summary.items() if k != "history"},
+                      "checkpoint": path, "config": pcfg.to_dict()})
+  print(f"{name}: source test accuracy {100 * summary['test_accuracy']:.1f}%, checkpoint "
+        f"{path}; wrote {out}")
+  return summary

@@ -1,0 +1,342 @@
+"""Jitted training and evaluation: one epoch is one compiled `lax.scan` over steps.
+
+Decisive properties (each has a test):
+- only trainable parameters are differentiated: params are split into trainable / frozen
+  and `jax.grad` sees only the trainable part, so XLA drops the backward pass wherever
+  nothing below can change;
+- frozen parameters and the BatchNorm statistics of frozen groups are carried over
+  untouched (not "updated by zero");
+- a frozen prefix of groups (`start` > stem) is not run in training at all: its output is
+  computed once per split (`prefix_outputs`) and the remaining groups train on it;
+- compiled programs are cached by their static description and argument shapes, so cells
+  that differ only in seed or data values reuse them (compile once per shape).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from flax import struct, traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tlresearch import optim
+from tlresearch.data.augment import AugmentSpec, augment
+from tlresearch.strategies import FROZEN, resolve
+
+# Images are stored as uint8 and normalised on device.
+MEAN, STD = 0.5, 0.25
+
+
+def preprocess(x):
+  return (x.astype(jnp.float32) / 255.0 - MEAN) / STD
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Everything static about a train step; equal specs share one compiled program."""
+  model: Any                       # a hashable flax Module
+  rules: tuple                     # ((pattern, rule), ...)
+  optimizer: str
+  peak_lr: float
+  total_steps: int
+  warmup_steps: int
+  weight_decay: float
+  momentum: float
+  start: str                       # first group run in training (earlier ones are cached)
+  frozen_bn: tuple[str, ...]       # groups whose BatchNorm is in inference mode
+  augment: AugmentSpec | None
+  batch_size: int
+  steps_per_epoch: int
+
+  def lr_schedule(self):
+    return optim.schedule(self.peak_lr, self.total_steps, self.warmup_steps)
+
+  def rule_by_path(self, params) -> dict:
+    return resolve(self.rules, traverse_util.flatten_dict(params, sep="/").keys())
+
+  def tx(self, params):
+    return optim.make(self.rule_by_path(params), params, optimizer=self.optimizer,
+                      lr=self.lr_schedule(), weight_decay=self.weight_decay,
+                      momentum=self.momentum)[0]
+
+
+# ---------------------------------------------------------------- compile cache
+
+COMPILE_SECONDS = [0.0]  # total seconds spent compiling in this process
+_COMPILED: dict = {}
+
+
+def _compiled(fn, static, *args):
+  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
+  key = (fn.__name__, static, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
+  if key not in _COMPILED:
+    t0 = time.perf_counter()
+    _COMPILED[key] = jax.jit(fn, static_argnums=0).lower(static, *args).compile()
+    COMPILE_SECONDS[0] += time.perf_counter() - t0
+  return _COMPILED[key]
+
+
+def clear_compile_cache():
+  _COMPILED.clear()
+
+
+# ---------------------------------------------------------------- params split
+
+def split_params(params, rule_by_path):
+  flat = traverse_util.flatten_dict(params, sep="/")
+  trainable = {p: v for p, v in flat.items() if rule_by_path[p] != FROZEN}
+  frozen = {p: v for p, v in flat.items() if rule_by_path[p] == FROZEN}
+  return trainable, frozen
+
+
+def join_params(trainable, frozen):
+  return traverse_util.unflatten_dict({**trainable, **frozen}, sep="/")
+
+
+def _keep_frozen_stats(new_stats, old_stats, frozen_bn):
+  """New BatchNorm statistics for trainable groups, the old ones for frozen groups."""
+  return {g: (old_stats[g] if g in frozen_bn or g not in new_stats else new_stats[g])
+          for g in old_stats}
+
+
+# ---------------------------------------------------------------- programs
+
+def _init_opt_state(spec: StepSpec, params):
+  return spec.tx(params).init(params)
+
+
+def init_state(spec: StepSpec, variables) -> TrainState:
+  params = variables["params"]
+  opt_state = _compiled(_init_opt_state, spec, params)(params)
+  return TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
+                    opt_state)
+
+
+def loss_and_logits(spec, params, batch_stats, x, y, train, dropout_key):
+  variables = {"params": params, "batch_stats": batch_stats}
+  kwargs = dict(train=train, frozen_bn=spec.frozen_bn, start=spec.start)
+  if train:
+    logits, updates = spec.model.apply(variables, x, rngs={"dropout": dropout_key},
+                                       mutable=["batch_stats"], **kwargs)
+    new_stats = updates.get("batch_stats", {})
+  else:
+    logits, new_stats = spec.model.apply(variables, x, **kwargs), batch_stats
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss, (logits, new_stats)
+
+
+def _train_step(spec: StepSpec, state: TrainState, x, y, keys):
+  """One optimizer step on batch (x, y); keys = (dropout, augment) base keys."""
+  rule_by_path = spec.rule_by_path(state.params)
+  trainable, frozen = split_params(state.params, rule_by_path)
+  if spec.start == "stem":
+    x = preprocess(x)
+    if spec.augment is not None:
+      x = augment(jax.random.fold_in(keys[1], state.step), x, spec.augment)
+  dropout_key = jax.random.fold_in(keys[0], state.step)
+
+  def loss_fn(trainable):
+    return loss_and_logits(spec, join_params(trainable, frozen), state.batch_stats, x, y,
+                           True, dropout_key)
+
+  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+  # Frozen leaves get a zero placeholder gradient: set_to_zero() ignores it, and XLA never
+  # computes it (it is a constant).
+  full_grads = join_params(grads, jax.tree.map(jnp.zeros_like, frozen))
+  updates, opt_state = spec.tx(state.params).update(full_grads, state.opt_state, state.params)
+  flat_updates = traverse_util.flatten_dict(updates, sep="/")
+  new_trainable = {p: v + flat_updates[p].astype(v.dtype) for p, v in trainable.items()}
+  new_state = TrainState(state.step + 1, join_params(new_trainable, frozen),
+                         _keep_frozen_stats(new_stats, state.batch_stats, spec.frozen_bn),
+                         opt_state)
+  acc = jnp.mean(jnp.argmax(logits, -1) == y)
+  return new_state, (loss, acc)
+
+
+def _train_epoch(spec: StepSpec, state: TrainState, x, y, order_key, dropout_key, aug_key):
+  """A pass over (x, y) in a seeded random order; the last batch wraps around."""
+  n = x.shape[0]
+  perm = jax.random.permutation(order_key, n)
+  need = spec.steps_per_epoch * spec.batch_size
+  idx = jnp.resize(perm, (need,)).reshape(spec.steps_per_epoch, spec.batch_size)
+
+  def body(state, batch_idx):
+    return _train_step(spec, state, x[batch_idx], y[batch_idx], (dropout_key, aug_key))
+
+  state, (loss, acc) = jax.lax.scan(body, state, idx)
+  return state, {"train_loss": loss.mean(), "train_accuracy": acc.mean()}
+
+
+def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key):
+  return _compiled(_train_epoch, spec, state, x, y, order_key, dropout_key, aug_key)(
+      state, x, y, order_key, dropout_key, aug_key)
+
+
+# ---------------------------------------------------------------- evaluation
+
+EVAL_CHUNK = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  model: Any
+  start: str = "stem"
+  stop: str = "head"
+
+
+def _forward_chunks(spec: EvalSpec, variables, x):
+  """Inference-mode output of groups start..stop for all of x, in fixed-size chunks."""
+  n = x.shape[0]
+  pad = (-n) % EVAL_CHUNK
+  xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+  xs = xs.reshape((-1, EVAL_CHUNK) + x.shape[1:])
+
+  def one(xb):
+    if spec.start == "stem":
+      xb = preprocess(xb)
+    return spec.model.apply(variables, xb, train=False, start=spec.start, stop=spec.stop)
+
+  out = jax.lax.map(one, xs)
+  return out.reshape((-1,) + out.shape[2:])[:n]
+
+
+def prefix_outputs(model, variables, x, stop: str):
+  """Output of the frozen groups stem..stop (inference mode): the cached training input."""
+  spec = EvalSpec(model, "stem", stop)
+  return _compiled(_forward_chunks, spec, variables, x)(variables, x)
+
+
+def _evaluate(spec: EvalSpec, variables, x, y):
+  logits = _forward_chunks(spec, variables, x)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  pred = jnp.argmax(logits, -1)
+  return {"loss": loss, "accuracy": jnp.mean(pred == y)}, pred
+
+
+def evaluate(model, variables, x, y, start: str = "stem"):
+  """({'loss', 'accuracy'}, predictions) of the whole model on (x, y)."""
+  spec = EvalSpec(model, start)
+  metrics, pred = _compiled(_evaluate, spec, variables, x, y)(variables, x, y)
+  return {k: float(v) for k, v in metrics.items()}, np.asarray(pred)
+
+
+# ---------------------------------------------------------------- fit
+
+@dataclasses.dataclass(frozen=True)
+class CellKeys:
+  """Named RNG streams of one seed. They do not depend on the strategy, so every strategy
+  compared under a seed sees the same head init, data order, dropout masks and augmentation
+  (paired design); the k-shot subset is drawn from the same integer seed by the loader."""
+  init: jax.Array      # the whole network's random init (the head, and the backbone for scratch)
+  order: jax.Array     # per-epoch data order
+  dropout: jax.Array
+  augment: jax.Array
+
+  @classmethod
+  def from_seed(cls, seed: int) -> "CellKeys":
+    base = jax.random.key(seed)
+    return cls(*(jax.random.fold_in(base, i) for i in range(4)))
+
+
+def _first_trainable_group(rule_by_path, groups) -> int:
+  return min(groups.index(p.split("/")[0]) for p, r in rule_by_path.items() if r != FROZEN)
+
+
+def _variables(params, batch_stats):
+  return {"params": params, "batch_stats": batch_stats}
+
+
+def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print) -> dict:
+  """Trains `variables` under `strategy` on `data` (a `tlresearch.data.Dataset`).
+
+  `cfg` is the cell's `train` ConfigDict. Early stopping watches `cfg.early_stopping.monitor`
+  on the validation split and, when it stops or the budget ends, restores the best epoch's
+  weights. Returns the final variables, per-epoch history and test metrics/predictions.
+  """
+  groups = model.groups
+  aug = AugmentSpec.from_config(cfg.augment)
+  es = cfg.early_stopping
+  sign = 1.0 if es.monitor == "val_accuracy" else -1.0
+  history, notes = [], []
+  epochs_left = int(cfg.epochs)
+  best_epoch, cached = 0, False
+  t_start = time.perf_counter()
+  for stage in strategy.stages:
+    stage_epochs = min(stage.epochs or epochs_left, epochs_left)
+    if stage_epochs <= 0:
+      break
+    epochs_left -= stage_epochs
+    rule_by_path = resolve(stage.rules, traverse_util.flatten_dict(variables["params"], sep="/"))
+    first = _first_trainable_group(rule_by_path, groups)
+    if first > 0 and aug is None and cfg.cache_frozen_prefix:
+      # The frozen prefix is deterministic (inference-mode BatchNorm, no dropout, no
+      # augmentation): run it once per split instead of every step.
+      stop = groups[first - 1]
+      tx_, vx, sx = (prefix_outputs(model, variables, jnp.asarray(a), stop)
+                     for a in (data.train_x, data.val_x, data.test_x))
+      start, cached = groups[first], True
+    else:
+      if first > 0 and aug is not None:
+        notes.append(f"frozen prefix ({', '.join(groups[:first])}) not cached: augmentation is on")
+      tx_, vx, sx = (jnp.asarray(a) for a in (data.train_x, data.val_x, data.test_x))
+      start = "stem"
+    ty, vy = jnp.asarray(data.train_y), jnp.asarray(data.val_y)
+    n = tx_.shape[0]
+    batch_size = min(int(cfg.batch_size), n)
+    steps = -(-n // batch_size)
+    spec = StepSpec(
+        model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer, peak_lr=float(cfg.lr),
+        total_steps=stage_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
+        weight_decay=float(cfg.weight_decay), momentum=float(cfg.momentum), start=start,
+        frozen_bn=tuple(g for g in groups
+                        if all(r == FROZEN for p, r in rule_by_path.items()
+                               if p.split("/")[0] == g)),
+        augment=aug if start == "stem" else None, batch_size=batch_size, steps_per_epoch=steps)
+    lr = spec.lr_schedule()
+    state = init_state(spec, variables)
+    best = None
+    wait = 0
+    for stage_epoch in range(stage_epochs):
+      epoch = len(history)
+      t0 = time.perf_counter()
+      state, m = train_epoch(spec, state, tx_, ty, jax.random.fold_in(keys.order, epoch),
+                             keys.dropout, keys.augment)
+      val, _ = evaluate(model, _variables(state.params, state.batch_stats), vx, vy, start)
+      record = {"epoch": epoch + 1, "stage": stage.name,
+                "train_loss": float(m["train_loss"]), "train_accuracy": float(m["train_accuracy"]),
+                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                "lr": float(lr((stage_epoch + 1) * steps - 1)),  # at the epoch's last step
+                "seconds": time.perf_counter() - t0}
+      history.append(record)
+      if not np.isfinite(record["train_loss"]):
+        notes.append(f"non-finite training loss at epoch {epoch + 1}")
+        break
+      score = sign * record[es.monitor]
+      if best is None or score > best[0] + float(es.min_delta):
+        best, wait = (score, state.params, state.batch_stats, epoch + 1), 0
+      else:
+        wait += 1
+        if es.enabled and wait >= int(es.patience):
+          break
+    if es.enabled and best is not None:
+      variables = _variables(best[1], best[2])
+      best_epoch = best[3]
+    else:
+      variables = _variables(state.params, state.batch_stats)
+      best_epoch = best[3] if best is not None else len(history)
+  test, pred = evaluate(model, variables, sx, jnp.asarray(data.test_y), start)
+  return {"variables": variables, "history": history, "best_epoch": best_epoch,
+          "epochs_run": len(history), "test": test, "test_predictions": pred,
+          "cached_prefix": cached, "notes": notes, "fit_seconds": time.perf_counter() - t_start}
