@@ -58,7 +58,11 @@ def train_source(pcfg, log=print) -> tuple[dict, dict]:
   variables = model.init(keys.init, jnp.zeros((1,) + ds.train_x.shape[1:], jnp.float32))
   log(f"pretraining {pcfg.model.family} on {pcfg.dataset} ({len(ds.train_x)} images, "
       f"{pcfg.train.epochs} epochs)")
-  result = train.fit(model, variables, strategies.full(model.groups), ds, pcfg.train, keys, log)
+  epoch_line = lambda r, _: log(
+      f"  epoch {r['epoch']}: train loss {r['train_loss']:.3f} acc {100 * r['train_accuracy']:.1f}%"
+      f", val acc {100 * r['val_accuracy']:.1f}% ({r['seconds']:.1f}s)")
+  result = train.fit(model, variables, strategies.full(model.groups), ds, pcfg.train, keys, log,
+                     on_epoch=epoch_line)
   summary = {"dataset": pcfg.dataset, "test_accuracy": result["test"]["accuracy"],
              "test_macro_f1": float(skm.f1_score(ds.test_y, result["test_predictions"],
                                                  average="macro")),

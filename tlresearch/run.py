@@ -124,6 +124,7 @@ def main(argv: list[str]) -> int:
 
 
 def cli() -> None:
+  sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen
   try:
     code = main(sys.argv[1:])
   except UserError as e:

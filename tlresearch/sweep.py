@@ -8,7 +8,16 @@ import time
 from tqdm import tqdm
 
 from tlresearch import cell as cell_lib
-from tlresearch import grid, io, pretrain, report, train
+from tlresearch import grid, io, models, pretrain, report, strategies, train
+
+
+def enable_compile_cache(cache_dir: str | None) -> str:
+  """JAX's persistent compilation cache in the project cache: a rerun compiles ~nothing."""
+  import jax
+  path = os.path.join(cache_dir or pretrain.default_cache_dir(), "jax_compilation_cache")
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  return path
 
 
 def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool = False,
@@ -17,6 +26,7 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   t0 = time.perf_counter()
   cells = grid.expand(config)
   grid.check_all(cells)  # every bad value and every bad dataset fails here, before training
+  enable_compile_cache(config.cache_dir or None)
   if overwrite and os.path.exists(workdir):
     shutil.rmtree(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -29,6 +39,7 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
       pretrained[key] = pretrain.get_or_build(pcfg, cfg.cache_dir or None, log=tqdm.write)[0]
     return pretrained[key]
 
+  labels = dict(config.report.axis_labels)
   finals, reused = [], 0
   bar = tqdm(cells, desc=name, unit="cell", disable=not progress, dynamic_ncols=True)
   for c in bar:
@@ -37,15 +48,14 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
     if final is not None:
       reused += 1
     else:
-      from tlresearch import strategies, models
       needs = strategies.get(c.config.strategy, models.groups_of(c.config.model)).pretrained
       final = cell_lib.run(c.config, c.id, c.axes, cell_dir,
                            backbone(c.config) if needs else None, log=tqdm.write)
-      tqdm.write(_summary_line(final))
+      tqdm.write(_summary_line(final, labels))
     finals.append(final)
   out_dir = os.path.join(results_dir, name)
   axes = grid.axes_of(config)
-  paths = report.write(finals, axes, out_dir, name, dict(config.report.axis_labels))
+  paths = report.write(finals, axes, out_dir, name, labels)
   seconds = time.perf_counter() - t0
   summary = {"cells": len(cells), "reused": reused, "seconds": seconds,
              "compile_seconds": train.COMPILE_SECONDS[0], "outputs": paths}
@@ -54,8 +64,8 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   return summary
 
 
-def _summary_line(f: dict) -> str:
-  axes = " ".join(f"{k.split('.')[-1]}={v}" for k, v in f["axes"].items())
+def _summary_line(f: dict, labels: dict) -> str:
+  axes = " ".join(f"{labels.get(k, k).replace(' ', '_')}={v}" for k, v in f["axes"].items())
   return (f"[{f['status']}] {axes}: test acc {100 * f['test_accuracy']:.1f}% "
           f"F1 {100 * f['test_macro_f1']:.1f}% best epoch {f['best_epoch']}/{f['epochs_run']} "
           f"{f['trainable_params']:,} trainable, {f['wall_seconds']:.1f}s "
@@ -65,6 +75,7 @@ def _summary_line(f: dict) -> str:
 def run_pretrain(config, name: str, results_dir: str, overwrite: bool = False) -> dict:
   """Builds (or reuses) the cached source checkpoint and writes its summary to results."""
   pcfg = pretrain.for_model(config.pretrain, config.pretrain.model)
+  enable_compile_cache(config.cache_dir or None)
   path = pretrain.checkpoint_dir(pcfg, config.cache_dir or None)
   if overwrite and os.path.exists(path):
     shutil.rmtree(path)

@@ -1,4 +1,4 @@
-"""Jitted training and evaluation: one epoch is one compiled `lax.scan` over steps.
+"""Jitted training and evaluation, with the data on device.
 
 Decisive properties (each has a test):
 - only trainable parameters are differentiated: params are split into trainable / frozen
@@ -165,23 +165,37 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, keys):
   return new_state, (loss, acc)
 
 
-def _train_epoch(spec: StepSpec, state: TrainState, x, y, order_key, dropout_key, aug_key):
-  """A pass over (x, y) in a seeded random order; the last batch wraps around."""
-  n = x.shape[0]
+def _train_step_at(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key, aug_key):
+  """`_train_step` on the batch x[batch_idx]: the gather happens on device."""
+  return _train_step(spec, state, x[batch_idx], y[batch_idx], (dropout_key, aug_key))
+
+
+def _epoch_order(spec: StepSpec, n_key, order_key):
+  """[steps, batch] example indices: a seeded permutation; the last batch wraps around."""
+  n = n_key.shape[0]
   perm = jax.random.permutation(order_key, n)
-  need = spec.steps_per_epoch * spec.batch_size
-  idx = jnp.resize(perm, (need,)).reshape(spec.steps_per_epoch, spec.batch_size)
-
-  def body(state, batch_idx):
-    return _train_step(spec, state, x[batch_idx], y[batch_idx], (dropout_key, aug_key))
-
-  state, (loss, acc) = jax.lax.scan(body, state, idx)
-  return state, {"train_loss": loss.mean(), "train_accuracy": acc.mean()}
+  return jnp.resize(perm, (spec.steps_per_epoch * spec.batch_size,)).reshape(
+      spec.steps_per_epoch, spec.batch_size)
 
 
 def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key):
-  return _compiled(_train_epoch, spec, state, x, y, order_key, dropout_key, aug_key)(
-      state, x, y, order_key, dropout_key, aug_key)
+  """One pass over (x, y) in a seeded random order.
+
+  A Python loop over one compiled step rather than a `lax.scan`: on XLA:CPU the scanned
+  epoch ran 14-18x slower than the same steps dispatched one by one (88 vs 1,600 images/s
+  for the default ResNet, measured here), while the per-step dispatch costs well under a
+  millisecond. Data stays on device, batches are gathered there, and the host waits once
+  per epoch (for the metrics).
+  """
+  order = _compiled(_epoch_order, spec, y, order_key)(y, order_key)
+  step = _compiled(_train_step_at, spec, state, x, y, order[0], dropout_key, aug_key)
+  losses, accs = [], []
+  for i in range(spec.steps_per_epoch):
+    state, (loss, acc) = step(state, x, y, order[i], dropout_key, aug_key)
+    losses.append(loss)
+    accs.append(acc)
+  return state, {"train_loss": jnp.mean(jnp.stack(losses)),
+                 "train_accuracy": jnp.mean(jnp.stack(accs))}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -258,12 +272,14 @@ def _variables(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats}
 
 
-def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print) -> dict:
+def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print,
+        on_epoch=None) -> dict:
   """Trains `variables` under `strategy` on `data` (a `tlresearch.data.Dataset`).
 
   `cfg` is the cell's `train` ConfigDict. Early stopping watches `cfg.early_stopping.monitor`
   on the validation split and, when it stops or the budget ends, restores the best epoch's
   weights. Returns the final variables, per-epoch history and test metrics/predictions.
+  `on_epoch(record, state)` is called after every epoch (tests use it to snapshot weights).
   """
   groups = model.groups
   aug = AugmentSpec.from_config(cfg.augment)
@@ -320,6 +336,8 @@ def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print) -> dic
                 "lr": float(lr((stage_epoch + 1) * steps - 1)),  # at the epoch's last step
                 "seconds": time.perf_counter() - t0}
       history.append(record)
+      if on_epoch is not None:
+        on_epoch(record, state)
       if not np.isfinite(record["train_loss"]):
         notes.append(f"non-finite training loss at epoch {epoch + 1}")
         break

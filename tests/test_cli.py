@@ -1,0 +1,88 @@
+"""The command line: bad input exits 2 with one line; a tiny sweep writes its tables."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from tlresearch import run
+
+
+def _cli(*args, cwd=None):
+  return subprocess.run([sys.executable, "-m", "tlresearch.run", *args], capture_output=True,
+                        text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--experiment=nope"], "unknown experiment 'nope'; valid: finetune_sweep"),
+    (["--experiment=finetune_sweep", "--config.trian.lr=1"],
+     "unknown config key 'trian.lr': 'trian' is not in config; valid: "),
+    (["--experiment=finetune_sweep", "--config.train.lrr=1"], "valid: augment, batch_size"),
+    (["--experiment=finetune_sweep", "--config.train.lr=abc"], "expected float"),
+    (["--bogus"], "unknown flag '--bogus'"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+  r = _cli(*args, f"--results_dir={tmp_path / 'results'}", cwd=tmp_path)
+  assert r.returncode == 2, r.stderr
+  assert message in r.stderr
+  assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "results").exists()
+
+
+def test_list_names_experiments(capsys):
+  assert run.main(["--list"]) == 0
+  out = capsys.readouterr().out
+  assert "finetune_sweep" in out and "pretrain_source" in out
+
+
+def _tiny_args(tmp_path, grid):
+  return [
+      "--experiment=finetune_sweep", f"--workdir={tmp_path / 'work'}",
+      f"--results_dir={tmp_path / 'results'}", "--no_progress",
+      f"--config.data_dir={tmp_path / 'data'}", f"--config.cache_dir={tmp_path / 'cache'}",
+      "--config.model.width=4", "--config.train.epochs=1", "--config.pretrain.train.epochs=1",
+      "--config.k_shot=0", "--config.seeds=[0, 1]",
+      "--config.targets=['digits', 'glyphs_input_shift']", f"--config.grid={grid}",
+  ]
+
+
+def test_invalid_values_fail_before_training(tmp_path):
+  for override, message in [("--config.train.lr=-1", "train.lr must be > 0"),
+                            ("--config.model.dropout_rate=1.0", "dropout_rate must be in [0, 1)"),
+                            ("--config.train.epochs=0", "train.epochs must be >= 1")]:
+    with pytest.raises(run.UserError, match=message):
+      run.main(_tiny_args(tmp_path, "[{'strategy': ['full']}]") + [override])
+  with pytest.raises(run.UserError, match="unknown strategy 'nope'"):
+    run.main(_tiny_args(tmp_path, "[{'strategy': ['nope']}]"))
+  assert not (tmp_path / "results").exists()
+
+
+def test_tiny_sweep_end_to_end_writes_tables(tmp_path, capsys):
+  grid = ("[{'strategy': ['linear_probe', 'partial:k=1', 'full', 'scratch']},"
+          " {'strategy': ['linear_probe'], 'model.dropout_rate': [0.5]}]")
+  with tfds.testing.mock_data(num_examples=24):
+    assert run.main(_tiny_args(tmp_path, grid)) == 0
+  out_dir = tmp_path / "results" / "finetune_sweep"
+  rows = list(csv.DictReader(open(out_dir / "runs.csv")))
+  assert len(rows) == 5 * 2 * 2  # (4 strategies + 1 dropout cell) x 2 targets x 2 seeds
+  assert {r["strategy"] for r in rows} == {"linear_probe", "partial:k=1", "full", "scratch"}
+  for r in rows:
+    assert 0.0 <= float(r["test_accuracy"]) <= 1.0 and r["status"] == "ok"
+    assert int(r["epochs_run"]) == 1 and int(r["trainable_params"]) > 0
+  table = open(out_dir / "table.md").read()
+  assert "| strategy | dropout | digits | glyphs_input_shift | trainable params |" in table
+  assert "± " in table
+  for name in ("table.tex", "accuracy.png"):
+    assert (out_dir / name).stat().st_size > 0
+  cells = os.listdir(tmp_path / "work")
+  assert len(cells) == 20
+  for c in cells:
+    assert {"config.json", "metrics.jsonl", "final.json"} <= set(os.listdir(tmp_path / "work" / c))
+  # The pretrained backbone was built once and cached; a rerun reuses cells and checkpoint.
+  assert len(os.listdir(tmp_path / "cache" / "pretrained")) == 1
+  capsys.readouterr()
+  with tfds.testing.mock_data(num_examples=24):
+    assert run.main(_tiny_args(tmp_path, grid)) == 0
+  assert "20 cells (20 reused)" in capsys.readouterr().out

@@ -1,0 +1,56 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tlresearch import models, stats
+from tests.conftest import tiny_model_cfg
+
+
+def _vars(classes, **kw):
+  model = models.build(tiny_model_cfg(**kw), classes)
+  return model, model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+
+
+def test_merge_keeps_pretrained_backbone_and_fresh_head():
+  _, pre = _vars(36)
+  _, fresh = _vars(10)
+  fresh = jax.tree.map(lambda a: a + 1.0, fresh)
+  merged = models.merge_pretrained(fresh, pre)
+  np.testing.assert_array_equal(merged["params"]["stem"]["conv"]["kernel"],
+                                pre["params"]["stem"]["conv"]["kernel"])
+  np.testing.assert_array_equal(merged["batch_stats"]["stage1"]["block1"]["bn1"]["mean"],
+                                pre["batch_stats"]["stage1"]["block1"]["bn1"]["mean"])
+  assert merged["params"]["head"]["dense"]["kernel"].shape == (16, 10)
+  np.testing.assert_array_equal(merged["params"]["head"]["dense"]["kernel"],
+                                fresh["params"]["head"]["dense"]["kernel"])
+
+
+def test_merge_names_missing_unexpected_and_mismatched_parameters():
+  _, pre = _vars(10, num_stages=2)
+  _, fresh = _vars(10)
+  with pytest.raises(ValueError, match="missing in checkpoint: .*params/stage3/block1/conv1/kernel"):
+    models.merge_pretrained(fresh, pre)
+  with pytest.raises(ValueError, match="unexpected in checkpoint: .*params/stage3"):
+    models.merge_pretrained(pre, fresh)
+  _, wide = _vars(10, width=8)
+  with pytest.raises(ValueError, match="shape mismatch: params/stem/conv/kernel"):
+    models.merge_pretrained(fresh, wide)
+
+
+def test_model_runs_any_slice_of_groups():
+  model, v = _vars(10)
+  x = jnp.ones((2, 16, 16, 3))
+  whole = model.apply(v, x)
+  mid = model.apply(v, x, stop="stage1")
+  rest = model.apply(v, mid, start="stage2")
+  np.testing.assert_allclose(whole, rest, rtol=1e-5, atol=1e-5)
+
+
+def test_mean_ci_is_a_t_interval():
+  mean, half = stats.mean_ci([1.0, 2.0, 3.0])
+  assert mean == 2.0
+  assert half == pytest.approx(4.302653 / np.sqrt(3), rel=1e-5)
+  assert np.isnan(stats.mean_ci([0.5])[1])
+  d, h = stats.paired_difference([0.9, 0.8, 0.7], [0.8, 0.7, 0.6])
+  assert d == pytest.approx(0.1) and h == pytest.approx(0.0, abs=1e-12)

@@ -1,0 +1,141 @@
+"""The decisive properties of training: frozen means frozen, and free."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from tlresearch import models, optim, strategies, train
+from tests.conftest import make_dataset, tiny_model_cfg, tiny_train_cfg
+
+
+def _setup(spec, classes=4, **model_kw):
+  model = models.build(tiny_model_cfg(**model_kw), classes)
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
+  # Non-trivial BatchNorm statistics, so "unchanged" is not "still at init".
+  variables["batch_stats"] = jax.tree.map(lambda a: a + 0.3, variables["batch_stats"])
+  return model, variables, strategies.get(spec, model.groups)
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_frozen_params_and_batchnorm_stats_bit_identical(dataset, cache):
+  model, variables, strategy = _setup("partial:k=1")
+  cfg = tiny_train_cfg(weight_decay=0.1, cache_frozen_prefix=cache)
+  out = train.fit(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0),
+                  log=lambda *_: None)
+  before, after = _flat(variables), _flat(out["variables"])
+  frozen = ("stem", "stage1", "stage2")
+  changed_trainable = False
+  for path, v in before.items():
+    group = path.split("/")[1]
+    if group in frozen:
+      assert np.array_equal(v, after[path]), f"{path} moved while frozen"
+    elif not np.array_equal(v, after[path]):
+      changed_trainable = True
+  assert changed_trainable, "nothing trainable changed: the test would pass vacuously"
+  assert out["cached_prefix"] is cache
+
+
+def test_no_optimizer_state_for_frozen_groups():
+  model, variables, _ = _setup("linear_probe")
+  params = variables["params"]
+  for spec in ("linear_probe", "partial:k=2", "full"):
+    s = strategies.get(spec, model.groups)
+    rules = strategies.resolve(s.stages[0].rules, _flat(params).keys())
+    tx, _ = optim.make(rules, params, optimizer="sgd", lr=optim.schedule(0.1, 10, 0),
+                       weight_decay=1e-4)
+    state = tx.init(params)
+    # SGD with momentum keeps one trace entry per parameter it optimises, nothing else
+    # with a shape: so the state's size is exactly the trainable count.
+    state_size = sum(np.size(x) for x in jax.tree.leaves(state) if np.ndim(x) > 0)
+    assert state_size == optim.count(params, rules), spec
+
+
+def test_weight_decay_never_moves_frozen_weights():
+  model, variables, _ = _setup("linear_probe")
+  params = variables["params"]
+  s = strategies.get("linear_probe", model.groups)
+  rules = strategies.resolve(s.stages[0].rules, _flat(params).keys())
+  tx, _ = optim.make(rules, params, optimizer="adamw", lr=optim.schedule(0.1, 10, 0),
+                     weight_decay=0.5)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for path, u in _flat(updates).items():
+    assert (np.all(u == 0)) == (rules[path] == "frozen"), path
+
+
+def _epoch_flops(spec, start="stem"):
+  model, variables, strategy = _setup(spec)
+  rules = strategy.stages[0].rules
+  rule_by_path = strategies.resolve(rules, _flat(variables["params"]).keys())
+  step = train.StepSpec(
+      model=model, rules=rules, optimizer="sgd", peak_lr=0.1, total_steps=4, warmup_steps=0,
+      weight_decay=1e-4, momentum=0.9, start=start,
+      frozen_bn=strategies.frozen_groups(rule_by_path, model.groups), augment=None,
+      batch_size=16, steps_per_epoch=1)
+  state = train.init_state(step, variables)
+  x, y = jnp.zeros((16, 16, 16, 3), jnp.uint8), jnp.zeros((16,), jnp.int32)
+  k = jax.random.key(0)
+  compiled = jax.jit(train._train_step_at, static_argnums=0).lower(
+      step, state, x, y, jnp.arange(16), k, k).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost["flops"]
+
+
+def test_cost_analysis_linear_probe_cheaper_than_full_and_falls_with_k():
+  # Same input (raw images, no cached prefix): the only difference is what is differentiated.
+  full = _epoch_flops("full")
+  k2, k1 = _epoch_flops("partial:k=2"), _epoch_flops("partial:k=1")
+  probe = _epoch_flops("linear_probe")
+  assert probe < k1 < k2 < full
+  # Forward-only backbone: a probe costs well under half of full fine-tuning.
+  assert probe < 0.6 * full
+
+
+def test_early_stopping_restores_best_epoch_weights():
+  # Validation labels disagree with training labels, so validation loss gets worse as the
+  # model learns: the best epoch is early, and training stops `patience` epochs later.
+  ds = make_dataset(n_train=64, n_val=32)
+  ds = type(ds)(**{**ds.__dict__, "val_y": (ds.val_y + 1) % ds.num_classes})
+  model, variables, strategy = _setup("full")
+  cfg = tiny_train_cfg(epochs=12, lr=0.2)
+  cfg.early_stopping.monitor = "val_loss"
+  cfg.early_stopping.patience = 2
+  snapshots = {}
+  out = train.fit(model, variables, strategy, ds, cfg, train.CellKeys.from_seed(0),
+                  log=lambda *_: None,
+                  on_epoch=lambda r, s: snapshots.__setitem__(r["epoch"],
+                                                              jax.device_get(s.params)))
+  best, ran = out["best_epoch"], out["epochs_run"]
+  assert best < ran < 12, (best, ran)
+  losses = [h["val_loss"] for h in out["history"]]
+  assert best == int(np.argmin(losses)) + 1
+  got = _flat(out["variables"]["params"])
+  for path, v in _flat(snapshots[best]).items():
+    assert np.array_equal(got[path], v), path
+  assert any(not np.array_equal(got[p], v) for p, v in _flat(snapshots[ran]).items())
+
+
+def test_same_seed_same_result_across_runs(dataset):
+  model, variables, strategy = _setup("full")
+  cfg = tiny_train_cfg(epochs=1)
+  run = lambda: train.fit(model, variables, strategy, dataset, cfg,
+                          train.CellKeys.from_seed(3), log=lambda *_: None)["history"]
+  a, b = run(), run()
+  strip = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]
+  assert strip(a) == strip(b)
+
+
+def test_augmentation_changes_images_but_keeps_shape():
+  from tlresearch.data.augment import AugmentSpec, augment
+  x = jnp.asarray(np.random.default_rng(0).random((4, 16, 16, 3)), jnp.float32)
+  spec = AugmentSpec(rotation=20, width_shift=0.1, height_shift=0.1, shear=10, zoom=0.1)
+  y = augment(jax.random.key(0), x, spec)
+  assert y.shape == x.shape and not np.allclose(y, x)
+  ident = augment(jax.random.key(0), x, AugmentSpec())
+  np.testing.assert_allclose(ident, x, atol=1e-5)

@@ -1,0 +1,176 @@
+"""Named datasets as in-memory numpy arrays.
+
+`load(name)` builds the TFDS dataset into the data dir the first time (locally, from the
+generators in `tlresearch.data.builders`; nothing is downloaded), then reads all three
+splits fully into memory. Decoded arrays are cached per (name, data dir) for the life of
+the process, so a sweep decodes each dataset once; they are read-only, so a caller cannot
+change what the next caller gets.
+
+Tests that need data without building it can mock TFDS; the data dir is then ignored and
+each split holds `num_examples` random examples of the right shape, dtype and label range:
+
+    with tfds.testing.mock_data(num_examples=20):
+      data = load("digits", data_dir=tmp_path)
+
+The default policy (AUTO) falls back to the builder code because the mocked data dir has no
+metadata for these datasets, so no files are needed. Mocked loads bypass the cache in both
+directions. Random labels may leave a class empty: use `k_shot` only with enough examples.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+# Importing the builder modules registers them with TFDS.
+from tlresearch.data.builders import digits, glyphs
+from tlresearch.errors import UserError, choices
+
+
+class DatasetSpec(NamedTuple):
+  tfds_name: str     # "builder" or "builder/config"
+  description: str   # one line, for listings
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    **{f"glyphs_{config}": DatasetSpec(f"tlr_glyphs/{config}", cfg.description)
+       for config, cfg in glyphs.CONFIGS.items()},
+    "digits": DatasetSpec(
+        "tlr_digits", "scikit-learn's handwritten 8x8 digits, upsampled to 32x32 (real data)."),
+}
+
+_BUILDERS = {"tlr_glyphs": glyphs.Glyphs, "tlr_digits": digits.Digits}
+_SPLITS = ("train", "validation", "test")
+# Builds never need the network; also never look for a prepared copy on GCS.
+_DOWNLOAD_CONFIG = tfds.download.DownloadConfig(try_download_gcs=False)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+  """Three splits of one classification task; images uint8 [N, 32, 32, 3], labels int32 [N].
+
+  Arrays are read-only (copy before changing them in place)."""
+  name: str
+  train_x: np.ndarray
+  train_y: np.ndarray
+  val_x: np.ndarray
+  val_y: np.ndarray
+  test_x: np.ndarray
+  test_y: np.ndarray
+  num_classes: int
+  class_names: tuple[str, ...]
+
+  def __repr__(self) -> str:
+    return (f"Dataset({self.name!r}, train={len(self.train_y)}, val={len(self.val_y)}, "
+            f"test={len(self.test_y)}, num_classes={self.num_classes})")
+
+
+def default_data_dir() -> str:
+  """$TLRESEARCH_DATA_DIR if set, else ~/.cache/tlresearch/tensorflow_datasets."""
+  return os.environ.get("TLRESEARCH_DATA_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "tlresearch", "tensorflow_datasets")
+
+
+def _builder(spec: DatasetSpec, data_dir: str) -> tfds.core.DatasetBuilder:
+  # The classes are used directly rather than tfds.builder(name): no registry or community
+  # lookups, and the import above is what defines them.
+  name, _, config = spec.tfds_name.partition("/")
+  return _BUILDERS[name](data_dir=data_dir, config=config or None)
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+  a.flags.writeable = False
+  return a
+
+
+def _prepared(builder: tfds.core.DatasetBuilder) -> bool:
+  # TFDS writes into a temporary folder and renames it when done, so the metadata file is
+  # there only for a complete build. (builder.is_prepared() logs a warning when it isn't.)
+  return (builder.data_path / "dataset_info.json").exists()
+
+
+def _read_split(builder: tfds.core.DatasetBuilder, split: str):
+  # Unbatched, then batched here: as_dataset(batch_size=-1) batches by the recorded dataset
+  # size, which is unknown under tfds.testing.mock_data (TFDS then reserves sys.maxsize
+  # examples and aborts). No autocache: the split is read once, into numpy.
+  # (ReadConfig is made here because making it imports TensorFlow.)
+  read_config = tfds.ReadConfig(try_autocache=False)
+  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
+  batches = list(tfds.as_numpy(ds.batch(8192)))
+  images = np.concatenate([b["image"] for b in batches]).astype(np.uint8, copy=False)
+  labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
+  return _read_only(images), _read_only(labels)
+
+
+_cache: dict[tuple[str, str], Dataset] = {}
+_lock = threading.Lock()
+
+
+def _load_full(name: str, data_dir: str) -> Dataset:
+  spec = DATASETS[name]
+  builder = _builder(spec, data_dir)
+  # tfds.testing.mock_data redirects every builder to its own data dir; the data is then
+  # random, so it must neither be built nor cached.
+  mocked = os.path.abspath(os.fspath(builder.data_dir_root)) != data_dir
+  key = (name, data_dir)
+  with _lock:
+    if not mocked and key in _cache:
+      return _cache[key]
+    if not mocked and not _prepared(builder):
+      print(f"building dataset {name} into {data_dir} (one-time)", file=sys.stderr, flush=True)
+      tfds.disable_progress_bar()  # one line above says what happens; no per-split bars
+      try:
+        builder.download_and_prepare(download_config=_DOWNLOAD_CONFIG)
+      except Exception:
+        # Another process may have finished the same build first; its result is identical.
+        builder = _builder(spec, data_dir)
+        if not _prepared(builder):
+          raise
+    arrays = {split: _read_split(builder, split) for split in _SPLITS}
+    label = builder.info.features["label"]
+    data = Dataset(name, *arrays["train"], *arrays["validation"], *arrays["test"],
+                   num_classes=label.num_classes, class_names=tuple(label.names))
+    if not mocked:
+      _cache[key] = data
+    return data
+
+
+def _k_shot(data: Dataset, k: int, seed: int) -> Dataset:
+  """Exactly k training examples per class. Each class's examples are shuffled by
+  default_rng(seed) and the first k kept, so with one seed a smaller k is a subset of a
+  larger one; the kept examples stay in split order."""
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+    raise UserError(f"k_shot must be an integer number of examples per class, got {k!r}")
+  if k <= 0:
+    raise UserError(f"k_shot must be a positive number of examples per class, got {k}")
+  counts = np.bincount(data.train_y, minlength=data.num_classes)
+  smallest = int(np.argmin(counts))
+  if k > counts[smallest]:
+    raise UserError(
+        f"k_shot={k} is more than the {counts[smallest]} training examples of class "
+        f"{data.class_names[smallest]!r} (label {smallest}) in {data.name}; "
+        f"use k_shot <= {counts[smallest]}")
+  rng = np.random.default_rng(seed)
+  keep = np.sort(np.concatenate([
+      rng.permutation(np.flatnonzero(data.train_y == c))[:k] for c in range(data.num_classes)]))
+  return dataclasses.replace(data, train_x=_read_only(data.train_x[keep]),
+                             train_y=_read_only(data.train_y[keep]))
+
+
+def load(name: str, *, data_dir: str | None = None, k_shot: int | None = None,
+         seed: int = 0) -> Dataset:
+  """The dataset `name` (a key of DATASETS), built into `data_dir` if needed.
+
+  k_shot: keep exactly k training examples per class, chosen by `seed` (same seed, same
+  subset); validation and test are unchanged.
+  """
+  if name not in DATASETS:
+    raise UserError(f"unknown dataset {name!r}; valid: {choices(DATASETS)}")
+  data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir or default_data_dir())))
+  data = _load_full(name, data_dir)
+  return data if k_shot is None else _k_shot(data, k_shot, seed)
