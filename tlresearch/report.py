@@ -71,7 +71,44 @@ def _params(finals, row_axes, key, col) -> str:
   return "/".join(f"{c:,}" for c in sorted(counts))
 
 
-def table_markdown(finals, axes, labels: dict, title: str) -> str:
+def _by_seed(finals, row_axes, col_axis="target", metric="test_accuracy"):
+  """{(row key, column): {seed: value}} over finished (status ok) cells."""
+  out = {}
+  for f in finals:
+    if f.get("status", "ok") == "ok":
+      key = (tuple(f["axes"][a] for a in row_axes), f["axes"][col_axis])
+      out.setdefault(key, {})[f["axes"]["seed"]] = f[metric]
+  return out
+
+
+def paired_section(finals, axes, labels: dict, reference: tuple) -> list[str]:
+  """Markdown lines: each row minus the reference row, paired by seed, mean ± 95% CI."""
+  row_axes, rows, cols = summarise(finals, axes)
+  if reference not in rows:
+    return []
+  values = _by_seed(finals, row_axes)
+  ref_name = ", ".join(f"{labels.get(a, a)}={_fmt_value(v)}" for a, v in zip(row_axes, reference))
+  out = [f"## paired difference to the reference ({ref_name}), test accuracy points, "
+         "mean ± 95% CI over seeds", "",
+         "| " + " | ".join([labels.get(a, a) for a in row_axes] + [str(c) for c in cols]) + " |",
+         "|" + "---|" * (len(row_axes) + len(cols))]
+  for key in rows:
+    if key == reference:
+      continue
+    cells = []
+    for c in cols:
+      mine, ref = values.get((key, c), {}), values.get((reference, c), {})
+      seeds = sorted(set(mine) & set(ref))
+      if not seeds:
+        cells.append("n/a")
+        continue
+      d, h = stats.paired_difference([mine[s] for s in seeds], [ref[s] for s in seeds])
+      cells.append(f"{100 * d:+.1f}" + ("" if math.isnan(h) else f" ± {100 * h:.1f}"))
+    out.append("| " + " | ".join([_fmt_value(v) for v in key] + cells) + " |")
+  return out + [""]
+
+
+def table_markdown(finals, axes, labels: dict, title: str, reference: tuple | None = None) -> str:
   out = [f"# {title}", ""]
   seeds = sorted({f["axes"]["seed"] for f in finals})
   for metric, name in METRICS:
@@ -86,6 +123,8 @@ def table_markdown(finals, axes, labels: dict, title: str) -> str:
                                    + [_cell_text(by_col.get(c, [])) for c in cols]
                                    + [params]) + " |")
     out.append("")
+  if reference is not None:
+    out += paired_section(finals, axes, labels, reference)
   return "\n".join(out)
 
 
@@ -130,14 +169,14 @@ def plot(finals, axes, labels: dict, path: str, title: str) -> None:
 
 
 def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
-          labels: dict | None = None) -> list[str]:
+          labels: dict | None = None, reference: tuple | None = None) -> list[str]:
   """runs.csv, table.md, table.tex and accuracy.png under `out_dir`; returns their paths."""
   labels = labels or {}
   title = f"{name}: test metrics per strategy configuration and target"
   paths = {k: os.path.join(out_dir, k) for k in ("runs.csv", "table.md", "table.tex",
                                                  "accuracy.png")}
   io.write_text(paths["runs.csv"], runs_csv(finals, axes))
-  io.write_text(paths["table.md"], table_markdown(finals, axes, labels, title))
+  io.write_text(paths["table.md"], table_markdown(finals, axes, labels, title, reference))
   io.write_text(paths["table.tex"], table_latex(finals, axes, labels))
   plot(finals, axes, labels, paths["accuracy.png"], title)
   return list(paths.values())

@@ -40,22 +40,30 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
     return pretrained[key]
 
   labels = dict(config.report.axis_labels)
-  finals, reused = [], 0
+  done = {c.id: grid.finished(os.path.join(workdir, c.id), c) for c in cells}
+  todo = [c for c in cells if done[c.id] is None]
+  needs = {c.id: strategies.get(c.config.strategy, models.groups_of(c.config.model)).pretrained
+           for c in todo}
+  for c in todo:  # before the progress bar, so its ETA measures cells only
+    if needs[c.id]:
+      backbone(c.config)
+  finals = []
   bar = tqdm(cells, desc=name, unit="cell", disable=not progress, dynamic_ncols=True)
   for c in bar:
-    cell_dir = os.path.join(workdir, c.id)
-    final = grid.finished(cell_dir, c)
-    if final is not None:
-      reused += 1
-    else:
-      needs = strategies.get(c.config.strategy, models.groups_of(c.config.model)).pretrained
-      final = cell_lib.run(c.config, c.id, c.axes, cell_dir,
-                           backbone(c.config) if needs else None, log=tqdm.write)
+    final = done[c.id]
+    if final is None:
+      final = cell_lib.run(c.config, c.id, c.axes, os.path.join(workdir, c.id),
+                           backbone(c.config) if needs[c.id] else None, log=tqdm.write)
       tqdm.write(_summary_line(final, labels))
     finals.append(final)
+  reused = len(cells) - len(todo)
   out_dir = os.path.join(results_dir, name)
   axes = grid.axes_of(config)
-  paths = report.write(finals, axes, out_dir, name, labels)
+  # The reference row of the paired-difference table: the base config with that strategy.
+  row_axes = [a for a in axes if a not in ("target", "seed")]
+  base = {a: grid._get(config, a) for a in row_axes}
+  reference = tuple({**base, "strategy": config.report.reference}[a] for a in row_axes)
+  paths = report.write(finals, axes, out_dir, name, labels, reference)
   seconds = time.perf_counter() - t0
   summary = {"cells": len(cells), "reused": reused, "seconds": seconds,
              "compile_seconds": train.COMPILE_SECONDS[0], "outputs": paths}
