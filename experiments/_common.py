@@ -18,7 +18,7 @@ def model(**overrides) -> ml_collections.ConfigDict:
 
 def train(**overrides) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
-  t.epochs = 20                # epoch budget (the schedule is laid out over all of it)
+  t.epochs = 12                # epoch budget (the schedule is laid out over all of it)
   t.batch_size = 64            # capped at the training-set size
   t.optimizer = "sgd"          # sgd (Nesterov momentum) | adam | adamw
   t.lr = 0.05                  # peak learning rate (x each group's multiplier)
