@@ -46,7 +46,7 @@ def dataset():
 
 
 def tiny_model_cfg(**kw) -> ml_collections.ConfigDict:
-  return _common.model(width=4, **kw)
+  return _common.model(**{"width": 4, **kw})
 
 
 def tiny_train_cfg(**kw) -> ml_collections.ConfigDict:

@@ -1,6 +1,7 @@
 """The command line: bad input exits 2 with one line; a tiny sweep writes its tables."""
 import csv
 import os
+import re
 import subprocess
 import sys
 
@@ -52,7 +53,7 @@ def test_invalid_values_fail_before_training(tmp_path):
   for override, message in [("--config.train.lr=-1", "train.lr must be > 0"),
                             ("--config.model.dropout_rate=1.0", "dropout_rate must be in [0, 1)"),
                             ("--config.train.epochs=0", "train.epochs must be >= 1")]:
-    with pytest.raises(run.UserError, match=message):
+    with pytest.raises(run.UserError, match=re.escape(message)):
       run.main(_tiny_args(tmp_path, "[{'strategy': ['full']}]") + [override])
   with pytest.raises(run.UserError, match="unknown strategy 'nope'"):
     run.main(_tiny_args(tmp_path, "[{'strategy': ['nope']}]"))
