@@ -91,7 +91,7 @@ def run_pretrain(config, name: str, results_dir: str, overwrite: bool = False) -
   summary = io.read_json(os.path.join(path, "summary.json"))
   out = os.path.join(results_dir, name, "summary.json")
   io.write_json(out, {**{k: v for k, v in summary.items() if k != "history"},
-                      "checkpoint": path, "config": pcfg.to_dict()})
+                      "cache_key": os.path.basename(path), "config": pcfg.to_dict()})
   print(f"{name}: source test accuracy {100 * summary['test_accuracy']:.1f}%, checkpoint "
         f"{path}; wrote {out}")
   return summary
