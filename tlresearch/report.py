@@ -148,9 +148,13 @@ def plot(finals, axes, labels: dict, path: str, title: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   row_axes, rows, cols = summarise(finals, axes)
-  names = [" ".join(_fmt_value(v) if a == row_axes[0] else f"{labels.get(a, a)}={_fmt_value(v)}"
-                    for a, v in zip(row_axes, key)) for key in rows]
-  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) * len(cols) / 2 + 3), 4))
+  # Label each bar group by its first axis plus only the axes that differ from the first
+  # row (the base configuration), e.g. "full + dropout=0.5".
+  first = next(iter(rows))
+  names = [" + ".join([_fmt_value(key[0])] + [f"{labels.get(a, a)}={_fmt_value(v)}"
+                                              for a, v, b in zip(row_axes[1:], key[1:], first[1:])
+                                              if v != b]) for key in rows]
+  fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) * len(cols) + 2), 4.5))
   width = 0.8 / max(len(cols), 1)
   for j, col in enumerate(cols):
     ms = [stats.mean_ci([v for v in by.get(col, []) if v is not None]) for by in rows.values()]
