@@ -1,9 +1,7 @@
 """Shared fixtures: tiny models and random data, so the suite stays fast and offline."""
-import dataclasses
 import os
 
-# Keep JAX from grabbing every core's worth of threads in a way that makes timings noisy,
-# and keep test runs from writing into the user's caches.
+# Quiet TensorFlow's C++ logging (imported by tensorflow_datasets when reading).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import ml_collections
@@ -11,19 +9,7 @@ import numpy as np
 import pytest
 
 from experiments import _common
-
-
-@dataclasses.dataclass(frozen=True)
-class FakeDataset:
-  name: str
-  train_x: np.ndarray
-  train_y: np.ndarray
-  val_x: np.ndarray
-  val_y: np.ndarray
-  test_x: np.ndarray
-  test_y: np.ndarray
-  num_classes: int
-  class_names: tuple
+from tlresearch.data import Dataset
 
 
 def make_dataset(n_train=48, n_val=16, n_test=16, classes=4, seed=0, size=16):
@@ -37,7 +23,7 @@ def make_dataset(n_train=48, n_val=16, n_test=16, classes=4, seed=0, size=16):
     return x, y.astype(np.int32)
 
   (a, b), (c, d), (e, f) = split(n_train), split(n_val), split(n_test)
-  return FakeDataset("fake", a, b, c, d, e, f, classes, tuple(str(i) for i in range(classes)))
+  return Dataset("fake", a, b, c, d, e, f, classes, tuple(str(i) for i in range(classes)))
 
 
 @pytest.fixture

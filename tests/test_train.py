@@ -1,4 +1,6 @@
 """The decisive properties of training: frozen means frozen, and free."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,7 +103,7 @@ def test_early_stopping_restores_best_epoch_weights():
   # Validation labels disagree with training labels, so validation loss gets worse as the
   # model learns: the best epoch is early, and training stops `patience` epochs later.
   ds = make_dataset(n_train=64, n_val=32)
-  ds = type(ds)(**{**ds.__dict__, "val_y": (ds.val_y + 1) % ds.num_classes})
+  ds = dataclasses.replace(ds, val_y=(ds.val_y + 1) % ds.num_classes)
   model, variables, strategy = _setup("full")
   cfg = tiny_train_cfg(epochs=12, lr=0.2)
   cfg.early_stopping.monitor = "val_loss"

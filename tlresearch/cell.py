@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from sklearn import metrics as skm

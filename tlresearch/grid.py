@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import time
 
 import ml_collections
 
