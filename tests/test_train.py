@@ -141,3 +141,13 @@ def test_augmentation_changes_images_but_keeps_shape():
   assert y.shape == x.shape and not np.allclose(y, x)
   ident = augment(jax.random.key(0), x, AugmentSpec())
   np.testing.assert_allclose(ident, x, atol=1e-5)
+
+
+def test_divergence_stops_training_and_is_reported(dataset):
+  model, variables, strategy = _setup("full")
+  cfg = tiny_train_cfg(epochs=5, lr=1e12, warmup_epochs=0.0)
+  out = train.fit(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0),
+                  log=lambda *_: None)
+  assert not np.isfinite(out["history"][-1]["train_loss"])
+  assert out["epochs_run"] < 5
+  assert any("non-finite training loss" in n for n in out["notes"])

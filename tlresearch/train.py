@@ -25,7 +25,7 @@ import optax
 
 from tlresearch import optim
 from tlresearch.data.augment import AugmentSpec, augment
-from tlresearch.strategies import FROZEN, resolve
+from tlresearch.strategies import FROZEN, frozen_groups, resolve
 
 # Images are stored as uint8 and normalised on device.
 MEAN, STD = 0.5, 0.25
@@ -300,25 +300,23 @@ def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print,
       # The frozen prefix is deterministic (inference-mode BatchNorm, no dropout, no
       # augmentation): run it once per split instead of every step.
       stop = groups[first - 1]
-      tx_, vx, sx = (prefix_outputs(model, variables, jnp.asarray(a), stop)
+      train_in, val_in, test_in = (prefix_outputs(model, variables, jnp.asarray(a), stop)
                      for a in (data.train_x, data.val_x, data.test_x))
       start, cached = groups[first], True
     else:
       if first > 0 and aug is not None:
         notes.append(f"frozen prefix ({', '.join(groups[:first])}) not cached: augmentation is on")
-      tx_, vx, sx = (jnp.asarray(a) for a in (data.train_x, data.val_x, data.test_x))
+      train_in, val_in, test_in = (jnp.asarray(a) for a in (data.train_x, data.val_x, data.test_x))
       start = "stem"
     ty, vy = jnp.asarray(data.train_y), jnp.asarray(data.val_y)
-    n = tx_.shape[0]
+    n = train_in.shape[0]
     batch_size = min(int(cfg.batch_size), n)
     steps = -(-n // batch_size)
     spec = StepSpec(
         model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer, peak_lr=float(cfg.lr),
         total_steps=stage_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
         weight_decay=float(cfg.weight_decay), momentum=float(cfg.momentum), start=start,
-        frozen_bn=tuple(g for g in groups
-                        if all(r == FROZEN for p, r in rule_by_path.items()
-                               if p.split("/")[0] == g)),
+        frozen_bn=frozen_groups(rule_by_path, groups),
         augment=aug if start == "stem" else None, batch_size=batch_size, steps_per_epoch=steps)
     lr = spec.lr_schedule()
     state = init_state(spec, variables)
@@ -327,9 +325,9 @@ def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print,
     for stage_epoch in range(stage_epochs):
       epoch = len(history)
       t0 = time.perf_counter()
-      state, m = train_epoch(spec, state, tx_, ty, jax.random.fold_in(keys.order, epoch),
+      state, m = train_epoch(spec, state, train_in, ty, jax.random.fold_in(keys.order, epoch),
                              keys.dropout, keys.augment)
-      val, _ = evaluate(model, _variables(state.params, state.batch_stats), vx, vy, start)
+      val, _ = evaluate(model, _variables(state.params, state.batch_stats), val_in, vy, start)
       record = {"epoch": epoch + 1, "stage": stage.name,
                 "train_loss": float(m["train_loss"]), "train_accuracy": float(m["train_accuracy"]),
                 "val_loss": val["loss"], "val_accuracy": val["accuracy"],
@@ -354,7 +352,7 @@ def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print,
     else:
       variables = _variables(state.params, state.batch_stats)
       best_epoch = best[3] if best is not None else len(history)
-  test, pred = evaluate(model, variables, sx, jnp.asarray(data.test_y), start)
+  test, pred = evaluate(model, variables, test_in, jnp.asarray(data.test_y), start)
   return {"variables": variables, "history": history, "best_epoch": best_epoch,
           "epochs_run": len(history), "test": test, "test_predictions": pred,
           "cached_prefix": cached, "notes": notes, "fit_seconds": time.perf_counter() - t_start}
