@@ -17,7 +17,7 @@ import re
 import ml_collections
 
 from tlresearch import data as data_lib
-from tlresearch import models, strategies
+from tlresearch import models, optim, strategies
 from tlresearch.errors import UserError, choices
 
 
@@ -44,6 +44,11 @@ def axes_of(config) -> list[str]:
   return keys + ["target", "seed"]
 
 
+def base_axes(config) -> dict:
+  """The base config's value of every axis except target and seed (the reference row)."""
+  return {k: _get(config, k) for k in axes_of(config) if k not in ("target", "seed")}
+
+
 def _slug(v) -> str:
   return re.sub(r"[^A-Za-z0-9.]+", "-", str(v)).strip("-")
 
@@ -58,7 +63,7 @@ def expand(config) -> list[Cell]:
   if not config.grid:
     raise UserError("config.grid is empty: nothing to run")
   keys = axes_of(config)
-  base = {k: _get(config, k) for k in keys if k not in ("target", "seed")}
+  base = base_axes(config)
   cells, seen = [], set()
   for block in config.grid:
     combos = [{}]
@@ -116,8 +121,8 @@ def check(cfg) -> None:
       (t.early_stopping.monitor in ("val_accuracy", "val_loss"),
        f"train.early_stopping.monitor must be one of val_accuracy, val_loss, "
        f"got '{t.early_stopping.monitor}'"),
-      (t.optimizer in ("sgd", "adam", "adamw"),
-       f"unknown train.optimizer '{t.optimizer}'; valid: adam, adamw, sgd"),
+      (t.optimizer in optim.OPTIMIZERS,
+       f"unknown train.optimizer '{t.optimizer}'; valid: {choices(optim.OPTIMIZERS)}"),
       (cfg.k_shot is None or cfg.k_shot >= 0,
        f"k_shot must be >= 1 (or 0 / None for all examples), got {cfg.k_shot}"),
   ]

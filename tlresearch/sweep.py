@@ -60,9 +60,7 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   out_dir = os.path.join(results_dir, name)
   axes = grid.axes_of(config)
   # The reference row of the paired-difference table: the base config with that strategy.
-  row_axes = [a for a in axes if a not in ("target", "seed")]
-  base = {a: grid._get(config, a) for a in row_axes}
-  reference = tuple({**base, "strategy": config.report.reference}[a] for a in row_axes)
+  reference = tuple({**grid.base_axes(config), "strategy": config.report.reference}.values())
   paths = report.write(finals, axes, out_dir, name, labels, reference)
   seconds = time.perf_counter() - t0
   summary = {"cells": len(cells), "reused": reused, "seconds": seconds,
