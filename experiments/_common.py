@@ -55,6 +55,12 @@ def pretrain() -> ml_collections.ConfigDict:
   return p
 
 
+def checkpoint() -> ml_collections.ConfigDict:
+  """How cells survive a kill (tlresearch.checkpoint.defaults documents the fields)."""
+  from tlresearch.checkpoint import defaults
+  return defaults()
+
+
 def report() -> ml_collections.ConfigDict:
   r = ml_collections.ConfigDict()
   r.reference = "full"         # strategy whose base-config row the paired differences use

@@ -41,4 +41,5 @@ def get_config() -> ml_collections.ConfigDict:
       {"strategy": ["linear_probe", "full"], "train.early_stopping.enabled": [False]},
   ]
   c.report = _common.report()  # table labels
+  c.checkpoint = _common.checkpoint()  # per-cell progress saves, for kill and resume
   return c

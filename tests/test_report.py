@@ -31,7 +31,7 @@ def test_failed_cells_are_marked_not_averaged():
   finals = _finals()
   finals[0]["status"], finals[0]["test_accuracy"] = "diverged", float("nan")
   md = report.table_markdown(finals, ["strategy", "target", "seed"], {}, "t")
-  assert "(1 failed)" in md and "nan" not in md
+  assert "(1 diverged)" in md and "nan" not in md
 
 
 def test_runs_csv_one_row_per_cell():

@@ -9,7 +9,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from tlresearch import data as data_lib
-from tlresearch import io, models, optim, strategies, train
+from tlresearch import checkpoint, grid, io, models, optim, strategies, train
 from tlresearch.strategies import resolve
 from flax import traverse_util
 
@@ -34,12 +34,17 @@ def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, l
   # The same init key for every strategy: the head starts identical across a comparison.
   fresh = model.init(keys.init, jnp.zeros((1,) + ds.train_x.shape[1:], jnp.float32))
   variables = models.merge_pretrained(fresh, pretrained) if strategy.pretrained else fresh
-  result = train.fit(model, variables, strategy, ds, cfg.train, keys, log)
+  policy = cfg.get("checkpoint") or checkpoint.defaults()
+  ckpt = checkpoint.FitCheckpointer(
+      os.path.join(cell_dir, "checkpoints"), grid.fingerprint(cfg),
+      every_epochs=policy.every_epochs, min_seconds=policy.min_seconds, keep=policy.keep,
+      log=log) if policy.enabled else None
+  result = train.fit(model, variables, strategy, ds, cfg.train, keys, log, checkpointer=ckpt)
   pred = result["test_predictions"]
   labels = list(range(ds.num_classes))
-  diverged = any(not np.isfinite(h["train_loss"]) for h in result["history"])
   final = {
-      "cell_id": cell_id, "axes": axes, "status": "diverged" if diverged else "ok",
+      "cell_id": cell_id, "axes": axes, "status": "diverged" if result["diverged"] else "ok",
+      "diverged_at": result["diverged"],
       "strategy": strategy.spec, "target": cfg.target, "seed": cfg.seed,
       "test_accuracy": result["test"]["accuracy"], "test_loss": result["test"]["loss"],
       "test_macro_f1": float(skm.f1_score(ds.test_y, pred, labels=labels, average="macro",
@@ -57,4 +62,6 @@ def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, l
   }
   io.write_jsonl(os.path.join(cell_dir, "metrics.jsonl"), result["history"])
   io.write_json(os.path.join(cell_dir, "final.json"), final)
+  if ckpt is not None:
+    ckpt.clear()  # final.json is the cell's record from now on
   return final

@@ -141,6 +141,21 @@ def check_all(cells) -> None:
     data_lib.load(target, data_dir=data_dir or None, k_shot=k or None, seed=seed)
 
 
+# Config keys that change how a cell runs, never what it computes: a cell finished or
+# checkpointed under other values of these is still the same cell.
+OPERATIONAL_KEYS = ("checkpoint",)
+
+
+def identity(config_dict: dict) -> dict:
+  """The part of a cell's config that determines its results (JSON-normalised)."""
+  return {k: v for k, v in json.loads(json.dumps(config_dict)).items()
+          if k not in OPERATIONAL_KEYS}
+
+
+def fingerprint(cfg) -> str:
+  return hashlib.sha256(json.dumps(identity(cfg.to_dict()), sort_keys=True).encode()).hexdigest()
+
+
 def finished(cell_dir: str, cell: Cell) -> dict | None:
   """The cell's final.json when it finished under exactly this config, else None."""
   try:
@@ -150,5 +165,5 @@ def finished(cell_dir: str, cell: Cell) -> dict | None:
       final = json.load(f)
   except (OSError, ValueError):
     return None
-  same = saved.get("config") == json.loads(json.dumps(cell.config.to_dict()))
+  same = identity(saved.get("config", {})) == identity(cell.config.to_dict())
   return final if same and final.get("status") in ("ok", "diverged") else None

@@ -39,3 +39,60 @@ def _default(o):
   if hasattr(o, "tolist"):
     return o.tolist()
   raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class FileLock:
+  """An exclusive inter-process lock, held until `release` or the end of the process.
+
+  `flock` on a lock file: the kernel drops it when the holder exits, however it exits
+  (SIGKILL included), so a killed sweep never leaves a stale lock. The holder's pid is
+  written into the file only to make a refusal message useful.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._fd = None
+
+  def acquire(self, blocking: bool = False) -> bool:
+    import fcntl
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+      os.close(fd)
+      return False
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    self._fd = fd
+    return True
+
+  def holder(self) -> str:
+    try:
+      with open(self.path) as f:
+        return f.read().strip() or "unknown"
+    except OSError:
+      return "unknown"
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing the descriptor releases the flock
+      self._fd = None
+
+
+def directory_lock(directory: str) -> FileLock:
+  """The lock of a sweep's workdir: `<workdir>/.lock`."""
+  return FileLock(os.path.join(directory, ".lock"))
+
+
+def replace_dir(tmp: str, path: str) -> None:
+  """Moves folder `tmp` to `path`, replacing any folder there, with no moment at which a
+  reader finds a mix of old and new files (at worst, briefly, no folder at all)."""
+  import shutil
+  old = None
+  if os.path.exists(path):
+    old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".old-")
+    os.replace(path, os.path.join(old, "d"))
+  os.replace(tmp, path)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)

@@ -19,7 +19,7 @@ import ml_collections
 from sklearn import metrics as skm
 
 from tlresearch import data as data_lib
-from tlresearch import io, models, strategies, train
+from tlresearch import checkpoint, io, models, strategies, train
 
 # Bump when a code change alters what a given pretraining config produces.
 FORMAT_VERSION = 1
@@ -49,7 +49,7 @@ def checkpoint_dir(pcfg, cache_dir: str | None = None) -> str:
   return os.path.join(cache_dir or default_cache_dir(), "pretrained", cache_key(pcfg))
 
 
-def train_source(pcfg, log=print) -> tuple[dict, dict]:
+def train_source(pcfg, log=print, checkpointer=None) -> tuple[dict, dict]:
   """Trains the backbone on the source task from scratch; returns (variables, summary)."""
   t0 = time.perf_counter()
   ds = data_lib.load(pcfg.dataset, data_dir=pcfg.data_dir or None, seed=pcfg.seed)
@@ -62,7 +62,7 @@ def train_source(pcfg, log=print) -> tuple[dict, dict]:
       f"  epoch {r['epoch']}: train loss {r['train_loss']:.3f} acc {100 * r['train_accuracy']:.1f}%"
       f", val acc {100 * r['val_accuracy']:.1f}% ({r['seconds']:.1f}s)")
   result = train.fit(model, variables, strategies.full(model.groups), ds, pcfg.train, keys, log,
-                     on_epoch=epoch_line)
+                     on_epoch=epoch_line, checkpointer=checkpointer)
   summary = {"dataset": pcfg.dataset, "test_accuracy": result["test"]["accuracy"],
              "test_macro_f1": float(skm.f1_score(ds.test_y, result["test_predictions"],
                                                  average="macro")),
@@ -72,35 +72,58 @@ def train_source(pcfg, log=print) -> tuple[dict, dict]:
 
 
 def save(path: str, variables: dict, pcfg, summary: dict) -> None:
-  """Writes the checkpoint beside the config that made it, atomically (tmp folder, rename)."""
-  import orbax.checkpoint as ocp
+  """Writes the checkpoint beside the config that made it, atomically (tmp folder, rename).
+
+  The arrays go through `checkpoint.save`, which records their checksum for `restore`.
+  """
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(os.path.join(tmp, "variables"), variables)
-  ckpt.wait_until_finished()
-  io.write_json(os.path.join(tmp, "config.json"), pcfg.to_dict())
-  io.write_json(os.path.join(tmp, "summary.json"), summary)
-  if os.path.exists(path):
-    shutil.rmtree(path)
-  os.replace(tmp, path)
+  try:
+    checkpoint.save(os.path.join(tmp, "variables"), variables)
+    io.write_json(os.path.join(tmp, "config.json"), pcfg.to_dict())
+    io.write_json(os.path.join(tmp, "summary.json"), summary)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def restore(path: str) -> dict:
-  import orbax.checkpoint as ocp
-  return ocp.StandardCheckpointer().restore(os.path.join(path, "variables"))
+  """The cached variables; CheckpointError if they are missing, unreadable or corrupted."""
+  return checkpoint.restore(os.path.join(path, "variables"))[0]
 
 
 def get_or_build(pcfg, cache_dir: str | None = None, log=print) -> tuple[dict, str]:
-  """Pretrained variables for `pcfg`: from the cache, or trained and cached now."""
+  """Pretrained variables for `pcfg`: from the cache, or trained and cached now.
+
+  A cached checkpoint that fails its checksum (or cannot be read) is rebuilt, with a
+  warning. Two processes wanting the same missing checkpoint build it once: the second
+  waits on a lock file beside it and then reads what the first wrote.
+  """
   path = checkpoint_dir(pcfg, cache_dir)
-  if os.path.exists(os.path.join(path, "summary.json")):
-    log(f"using cached pretrained backbone {path}")
-    return restore(path), path
-  log(f"no cached pretrained backbone for this config; building {path}")
-  variables, summary = train_source(pcfg, log)
-  save(path, variables, pcfg, summary)
-  log(f"pretrained: source test accuracy {100 * summary['test_accuracy']:.1f}% "
-      f"in {summary['seconds']:.0f}s")
-  return variables, path
+  lock = io.FileLock(path + ".lock")
+  lock.acquire(blocking=True)
+  try:
+    if os.path.exists(os.path.join(path, "summary.json")):
+      try:
+        variables = restore(path)
+        log(f"using cached pretrained backbone {path}")
+        return variables, path
+      except checkpoint.CheckpointError as e:
+        log(f"warning: {e}; rebuilding the pretrained backbone")
+    else:
+      log(f"no cached pretrained backbone for this config; building {path}")
+    # Pretraining is the longest single run of a sweep: its progress is checkpointed too.
+    partial = checkpoint.FitCheckpointer(path + ".partial", cache_key(pcfg), min_seconds=30.0,
+                                         log=log)
+    variables, summary = train_source(pcfg, log, partial)
+    save(path, variables, pcfg, summary)
+    partial.clear()
+    log(f"pretrained: source test accuracy {100 * summary['test_accuracy']:.1f}% "
+        f"in {summary['seconds']:.0f}s")
+    return variables, path
+  finally:
+    lock.release()

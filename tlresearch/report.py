@@ -10,12 +10,17 @@ import csv
 import io as _io
 import math
 import os
+import shutil
+import tempfile
 
 from tlresearch import io, stats
 
 METRICS = (("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1"))
+# runs.csv holds only what the seeds determine, so a rerun (or a killed and resumed run)
+# reproduces it byte for byte; wall-clock numbers go to timing.csv.
 RUN_COLUMNS = ("status", "test_accuracy", "test_macro_f1", "best_epoch", "epochs_run",
-               "trainable_params", "wall_seconds", "compile_seconds")
+               "trainable_params")
+TIMING_COLUMNS = ("wall_seconds", "compile_seconds")
 
 
 def _fmt_value(v) -> str:
@@ -26,13 +31,13 @@ def _fmt_value(v) -> str:
   return str(v)
 
 
-def runs_csv(finals: list[dict], axes: list[str]) -> str:
+def runs_csv(finals: list[dict], axes: list[str], columns=RUN_COLUMNS) -> str:
   buf = _io.StringIO()
   w = csv.writer(buf, lineterminator="\n")
-  w.writerow(["cell_id", *axes, *RUN_COLUMNS])
+  w.writerow(["cell_id", *axes, *columns])
   for f in finals:
     w.writerow([f["cell_id"], *(f["axes"][a] for a in axes),
-                *(_csv_value(f.get(c)) for c in RUN_COLUMNS)])
+                *(_csv_value(f.get(c)) for c in columns)])
   return buf.getvalue()
 
 
@@ -60,9 +65,9 @@ def _cell_text(values, scale=100.0) -> str:
   failed = sum(v is None for v in values)
   mean, half = stats.mean_ci([v for v in values if v is not None])
   if math.isnan(mean):
-    return "failed"
+    return "diverged"
   text = f"{scale * mean:.1f}" + ("" if math.isnan(half) else f" ± {scale * half:.1f}")
-  return text + (f" ({failed} failed)" if failed else "")
+  return text + (f" ({failed} diverged)" if failed else "")
 
 
 def _params(finals, row_axes, key, col) -> str:
@@ -110,6 +115,10 @@ def paired_section(finals, axes, labels: dict, reference: tuple) -> list[str]:
 
 def table_markdown(finals, axes, labels: dict, title: str, reference: tuple | None = None) -> str:
   out = [f"# {title}", ""]
+  diverged = sum(f.get("status", "ok") != "ok" for f in finals)
+  if diverged:
+    out += [f"{diverged} cell(s) diverged (non-finite training loss): they are marked, left out "
+            "of every mean and difference, and listed in runs.csv.", ""]
   seeds = sorted({f["axes"]["seed"] for f in finals})
   for metric, name in METRICS:
     row_axes, rows, cols = summarise(finals, axes, metric=metric)
@@ -174,13 +183,26 @@ def plot(finals, axes, labels: dict, path: str, title: str) -> None:
 
 def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
           labels: dict | None = None, reference: tuple | None = None) -> list[str]:
-  """runs.csv, table.md, table.tex and accuracy.png under `out_dir`; returns their paths."""
+  """runs.csv, timing.csv, table.md, table.tex and accuracy.png as the folder `out_dir`.
+
+  Everything is written into a temporary sibling folder that then replaces `out_dir`, so a
+  crash at any point leaves the previous complete set of files, never a mix.
+  """
   labels = labels or {}
   title = f"{name}: test metrics per strategy configuration and target"
-  paths = {k: os.path.join(out_dir, k) for k in ("runs.csv", "table.md", "table.tex",
-                                                 "accuracy.png")}
-  io.write_text(paths["runs.csv"], runs_csv(finals, axes))
-  io.write_text(paths["table.md"], table_markdown(finals, axes, labels, title, reference))
-  io.write_text(paths["table.tex"], table_latex(finals, axes, labels))
-  plot(finals, axes, labels, paths["accuracy.png"], title)
-  return list(paths.values())
+  names = ("runs.csv", "timing.csv", "table.md", "table.tex", "accuracy.png")
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out_dir)}-")
+  try:
+    io.write_text(os.path.join(tmp, "runs.csv"), runs_csv(finals, axes))
+    io.write_text(os.path.join(tmp, "timing.csv"), runs_csv(finals, axes, TIMING_COLUMNS))
+    io.write_text(os.path.join(tmp, "table.md"),
+                  table_markdown(finals, axes, labels, title, reference))
+    io.write_text(os.path.join(tmp, "table.tex"), table_latex(finals, axes, labels))
+    plot(finals, axes, labels, os.path.join(tmp, "accuracy.png"), title)
+    io.replace_dir(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return [os.path.join(out_dir, n) for n in names]

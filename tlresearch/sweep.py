@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from tlresearch import cell as cell_lib
 from tlresearch import grid, io, models, pretrain, report, strategies, train
+from tlresearch.errors import UserError
 
 
 def enable_compile_cache(cache_dir: str | None) -> str:
@@ -26,10 +27,28 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   t0 = time.perf_counter()
   cells = grid.expand(config)
   grid.check_all(cells)  # every bad value and every bad dataset fails here, before training
+  lock = io.directory_lock(workdir)
+  if not lock.acquire():
+    raise UserError(f"workdir {workdir} is in use by another sweep (pid {lock.holder()}); "
+                    "wait for it to finish or pass a different --workdir")
+  try:
+    return _run_grid(config, cells, name, workdir, results_dir, overwrite, progress, t0)
+  finally:
+    lock.release()
+
+
+def _clear_workdir(workdir: str) -> None:
+  """--overwrite: every cell folder goes, the lock file (held by us) stays."""
+  for entry in os.listdir(workdir):
+    if entry != ".lock":
+      path = os.path.join(workdir, entry)
+      shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+
+
+def _run_grid(config, cells, name, workdir, results_dir, overwrite, progress, t0) -> dict:
   enable_compile_cache(config.cache_dir or None)
-  if overwrite and os.path.exists(workdir):
-    shutil.rmtree(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  if overwrite:
+    _clear_workdir(workdir)
   pretrained = {}
 
   def backbone(cfg):

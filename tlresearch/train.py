@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from tlresearch import optim
+from tlresearch.checkpoint import CheckpointError
 from tlresearch.data.augment import AugmentSpec, augment
 from tlresearch.strategies import FROZEN, frozen_groups, resolve
 
@@ -194,8 +195,9 @@ def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key):
     state, (loss, acc) = step(state, x, y, order[i], dropout_key, aug_key)
     losses.append(loss)
     accs.append(acc)
-  return state, {"train_loss": jnp.mean(jnp.stack(losses)),
-                 "train_accuracy": jnp.mean(jnp.stack(accs))}
+  losses = jnp.stack(losses)
+  return state, {"train_loss": jnp.mean(losses), "train_accuracy": jnp.mean(jnp.stack(accs)),
+                 "step_losses": losses}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -272,46 +274,66 @@ def _variables(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats}
 
 
-def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print,
-        on_epoch=None) -> dict:
+def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print, on_epoch=None,
+        checkpointer=None) -> dict:
   """Trains `variables` under `strategy` on `data` (a `tlresearch.data.Dataset`).
 
   `cfg` is the cell's `train` ConfigDict. Early stopping watches `cfg.early_stopping.monitor`
   on the validation split and, when it stops or the budget ends, restores the best epoch's
-  weights. Returns the final variables, per-epoch history and test metrics/predictions.
+  weights. A non-finite training loss stops the run (`diverged` names the epoch and step).
+  Returns the final variables, per-epoch history and test metrics/predictions.
   `on_epoch(record, state)` is called after every epoch (tests use it to snapshot weights).
+
+  With a `checkpoint.FitCheckpointer`, progress is saved between epochs and a later call
+  resumes from the newest checkpoint; the result is bitwise identical to an uninterrupted
+  run because every random stream is keyed by seed, epoch and step, never by wall time. A
+  damaged checkpoint is logged and the run starts from scratch.
   """
+  if checkpointer is not None:
+    resume = checkpointer.peek()
+    if resume is not None:
+      try:
+        return _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointer,
+                    resume)
+      except CheckpointError as e:
+        log(f"warning: {e}; restarting this run from scratch")
+        checkpointer.clear()
+  return _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointer, None)
+
+
+def _first_nonfinite(losses) -> int:
+  return int(np.flatnonzero(~np.isfinite(np.asarray(losses)))[0])
+
+
+def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointer, resume):
   groups = model.groups
   aug = AugmentSpec.from_config(cfg.augment)
   es = cfg.early_stopping
   sign = 1.0 if es.monitor == "val_accuracy" else -1.0
-  history, notes = [], []
+  history, notes = (list(resume["history"]), list(resume["notes"])) if resume else ([], [])
+  if resume:
+    log(f"resuming from {resume['path']} ({resume['epochs_done']} epochs done)")
   epochs_left = int(cfg.epochs)
-  best_epoch, cached = 0, False
+  best_epoch, cached, diverged = 0, False, None
   t_start = time.perf_counter()
-  for stage in strategy.stages:
+  n = len(data.train_x)
+  batch_size = min(int(cfg.batch_size), n)
+  steps = -(-n // batch_size)
+  for stage_index, stage in enumerate(strategy.stages):
     stage_epochs = min(stage.epochs or epochs_left, epochs_left)
     if stage_epochs <= 0:
       break
     epochs_left -= stage_epochs
+    if resume is not None and stage_index < resume["stage"]:
+      continue  # finished before the interruption; the checkpoint holds what it produced
     rule_by_path = resolve(stage.rules, traverse_util.flatten_dict(variables["params"], sep="/"))
     first = _first_trainable_group(rule_by_path, groups)
-    if first > 0 and aug is None and cfg.cache_frozen_prefix:
-      # The frozen prefix is deterministic (inference-mode BatchNorm, no dropout, no
-      # augmentation): run it once per split instead of every step.
-      stop = groups[first - 1]
-      train_in, val_in, test_in = (prefix_outputs(model, variables, jnp.asarray(a), stop)
-                     for a in (data.train_x, data.val_x, data.test_x))
-      start, cached = groups[first], True
-    else:
-      if first > 0 and aug is not None:
-        notes.append(f"frozen prefix ({', '.join(groups[:first])}) not cached: augmentation is on")
-      train_in, val_in, test_in = (jnp.asarray(a) for a in (data.train_x, data.val_x, data.test_x))
-      start = "stem"
-    ty, vy = jnp.asarray(data.train_y), jnp.asarray(data.val_y)
-    n = train_in.shape[0]
-    batch_size = min(int(cfg.batch_size), n)
-    steps = -(-n // batch_size)
+    # The frozen prefix is deterministic (inference-mode BatchNorm, no dropout, no
+    # augmentation): run it once per split instead of every step.
+    use_cache = first > 0 and aug is None and cfg.cache_frozen_prefix
+    if first > 0 and aug is not None:
+      notes.append(f"frozen prefix ({', '.join(groups[:first])}) not cached: augmentation is on")
+    start = groups[first] if use_cache else "stem"
     spec = StepSpec(
         model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer, peak_lr=float(cfg.lr),
         total_steps=stage_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
@@ -320,9 +342,28 @@ def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print,
         augment=aug if start == "stem" else None, batch_size=batch_size, steps_per_epoch=steps)
     lr = spec.lr_schedule()
     state = init_state(spec, variables)
-    best = None
-    wait = 0
-    for stage_epoch in range(stage_epochs):
+    best, wait, first_epoch, stopped = None, 0, 0, False
+    if resume is not None:  # this is the stage the checkpoint was saved in
+      tree = checkpointer.restore(resume, {"state": state, "best_params": state.params,
+                                           "best_stats": state.batch_stats})
+      state = tree["state"]
+      best = (resume["best_score"], tree["best_params"], tree["best_stats"], resume["best_epoch"])
+      wait, first_epoch, stopped = resume["wait"], resume["stage_epoch"], resume["stopped"]
+      # Frozen params and frozen BatchNorm stats are untouched by training, so the restored
+      # state runs the frozen prefix exactly as the stage's starting variables did.
+      variables = _variables(state.params, state.batch_stats)
+      resume = None
+    if use_cache:
+      stop = groups[first - 1]
+      train_in, val_in, test_in = (prefix_outputs(model, variables, jnp.asarray(a), stop)
+                                   for a in (data.train_x, data.val_x, data.test_x))
+      cached = True
+    else:
+      train_in, val_in, test_in = (jnp.asarray(a) for a in (data.train_x, data.val_x, data.test_x))
+    ty, vy = jnp.asarray(data.train_y), jnp.asarray(data.val_y)
+    for stage_epoch in range(first_epoch, stage_epochs):
+      if stopped:
+        break
       epoch = len(history)
       t0 = time.perf_counter()
       state, m = train_epoch(spec, state, train_in, ty, jax.random.fold_in(keys.order, epoch),
@@ -337,22 +378,35 @@ def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print,
       if on_epoch is not None:
         on_epoch(record, state)
       if not np.isfinite(record["train_loss"]):
-        notes.append(f"non-finite training loss at epoch {epoch + 1}")
+        diverged = {"epoch": epoch + 1,
+                    "step": epoch * steps + _first_nonfinite(m["step_losses"]) + 1}
+        notes.append(f"non-finite training loss at epoch {diverged['epoch']}, "
+                     f"step {diverged['step']}: stopped")
         break
       score = sign * record[es.monitor]
       if best is None or score > best[0] + float(es.min_delta):
         best, wait = (score, state.params, state.batch_stats, epoch + 1), 0
       else:
         wait += 1
-        if es.enabled and wait >= int(es.patience):
-          break
-    if es.enabled and best is not None:
+        stopped = bool(es.enabled and wait >= int(es.patience))
+      if checkpointer is not None:
+        snapshot = best
+        checkpointer.maybe_save(
+            len(history),
+            lambda: {"state": state, "best_params": snapshot[1], "best_stats": snapshot[2]},
+            {"stage": stage_index, "stage_epoch": stage_epoch + 1, "stopped": stopped,
+             "history": history, "notes": notes, "best_score": best[0], "best_epoch": best[3],
+             "wait": wait})
+    if es.enabled and best is not None and diverged is None:
       variables = _variables(best[1], best[2])
       best_epoch = best[3]
     else:
       variables = _variables(state.params, state.batch_stats)
       best_epoch = best[3] if best is not None else len(history)
+    if diverged is not None:
+      break
   test, pred = evaluate(model, variables, test_in, jnp.asarray(data.test_y), start)
   return {"variables": variables, "history": history, "best_epoch": best_epoch,
           "epochs_run": len(history), "test": test, "test_predictions": pred,
-          "cached_prefix": cached, "notes": notes, "fit_seconds": time.perf_counter() - t_start}
+          "cached_prefix": cached, "notes": notes, "diverged": diverged,
+          "fit_seconds": time.perf_counter() - t_start}
