@@ -152,11 +152,14 @@ class FitCheckpointer:
       except CheckpointError as e:
         self.log(f"warning: {e}; ignoring it")
         continue
-      if meta.get("fingerprint") == self.fingerprint:
-        meta["path"] = path
-        self._last_epoch = meta["epochs_done"]
-        return meta
-      self.log(f"checkpoint {path} was saved under a different config; ignoring it")
+      if meta.get("fingerprint") != self.fingerprint:
+        # The cell's config changed since: its checkpoints can never be resumed.
+        self.log(f"checkpoint {path} was saved under a different config; discarding it")
+        self.clear()
+        return None
+      meta["path"] = path
+      self._last_epoch = meta["epochs_done"]
+      return meta
     return None
 
   def restore(self, meta: dict, target):

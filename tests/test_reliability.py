@@ -1,0 +1,337 @@
+"""Fault tolerance, done for real: SIGKILL and resume, corrupted checkpoints, a forced NaN,
+a locked workdir, and a table of bad inputs with their messages and exit codes."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from tlresearch import checkpoint, io, models, pretrain, run, strategies, train
+from tests.conftest import tiny_model_cfg, tiny_train_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _args(tmp_path, tag, *extra):
+  """A tiny two-cell sweep whose cells run long enough (30 one-step epochs) to be killed."""
+  return [
+      "--experiment=finetune_sweep", f"--workdir={tmp_path / ('work-' + tag)}",
+      f"--results_dir={tmp_path / ('results-' + tag)}", "--no_progress",
+      f"--config.cache_dir={tmp_path / 'cache'}", "--config.model.width=4",
+      "--config.train.epochs=30", "--config.train.early_stopping.enabled=False",
+      "--config.pretrain.train.epochs=1", "--config.k_shot=0", "--config.seeds=[0]",
+      "--config.targets=['digits']", "--config.checkpoint.min_seconds=0",
+      "--config.grid=[{'strategy': ['full', 'partial:k=1']}]", *extra]
+
+
+def _runner(tmp_path) -> str:
+  """A script running the real CLI under TFDS mock data (in a separate process)."""
+  path = tmp_path / "runner.py"
+  path.write_text(textwrap.dedent("""
+      import sys
+      import tensorflow_datasets as tfds
+      from tlresearch import run
+      with tfds.testing.mock_data(num_examples=24):
+        sys.argv = ["tlresearch.run", *sys.argv[1:]]
+        run.cli()
+  """))
+  return str(path)
+
+
+def _env():
+  return {**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def _cell_checkpoints(workdir):
+  """Cell folders that hold a checkpoint but no final.json (i.e. interrupted mid-cell)."""
+  if not os.path.isdir(workdir):
+    return []
+  out = []
+  for cell in os.listdir(workdir):
+    d = os.path.join(workdir, cell, "checkpoints")
+    if (os.path.isdir(d) and any(n.startswith("step-") for n in os.listdir(d))
+        and not os.path.exists(os.path.join(workdir, cell, "final.json"))):
+      out.append(cell)
+  return out
+
+
+def _rows(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_sigkill_mid_cell_then_resume_gives_the_uninterrupted_table(tmp_path, capsys):
+  # The reference: one uninterrupted run (in this process).
+  with tfds.testing.mock_data(num_examples=24):
+    assert run.main(_args(tmp_path, "ref")) == 0
+  capsys.readouterr()
+  reference = (tmp_path / "results-ref" / "finetune_sweep" / "runs.csv").read_text()
+
+  runner, work = _runner(tmp_path), tmp_path / "work-killed"
+  proc = subprocess.Popen([sys.executable, runner, *_args(tmp_path, "killed")], cwd=REPO,
+                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 240
+  while not _cell_checkpoints(work):
+    assert proc.poll() is None, "the sweep ended before any cell checkpoint appeared"
+    assert time.monotonic() < deadline, "no cell checkpoint appeared within 240 s"
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  interrupted = _cell_checkpoints(work)
+  assert interrupted, "the kill did not land mid-cell"
+  assert not (tmp_path / "results-killed").exists()
+
+  r = subprocess.run([sys.executable, runner, *_args(tmp_path, "killed")], cwd=REPO, env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "resuming from" in r.stdout, r.stdout[-2000:]
+  resumed = (tmp_path / "results-killed" / "finetune_sweep" / "runs.csv").read_text()
+  assert resumed == reference
+  # Nothing counted twice, no checkpoint left behind.
+  assert len(_rows(tmp_path / "results-killed" / "finetune_sweep" / "runs.csv")) == 2
+  assert not _cell_checkpoints(work)
+
+
+def _fit_setup():
+  model = models.build(tiny_model_cfg(), 4)
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
+  return model, variables, strategies.get("full", model.groups)
+
+
+def _fit(dataset, ckpt, on_epoch=None, log=lambda *_: None):
+  model, variables, strategy = _fit_setup()
+  cfg = tiny_train_cfg(epochs=6)
+  cfg.early_stopping.enabled = False
+  return train.fit(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0), log,
+                   on_epoch=on_epoch, checkpointer=ckpt)
+
+
+def _same_result(a, b):
+  strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+  assert strip(a["history"]) == strip(b["history"])
+  assert a["test"] == b["test"]
+  for x, y in zip(jax.tree.leaves(a["variables"]), jax.tree.leaves(b["variables"])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_fit_interrupted_after_epoch_3_resumes_bitwise(dataset, tmp_path):
+  uninterrupted = _fit(dataset, None)
+
+  class Interrupt(Exception):
+    pass
+
+  def stop_at_3(record, state):
+    if record["epoch"] == 3:
+      raise Interrupt
+
+  ckpt = checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp", keep=2)
+  with pytest.raises(Interrupt):
+    _fit(dataset, ckpt, on_epoch=stop_at_3)
+  assert checkpoint.Rolling(str(tmp_path / "ck")).steps() == [1, 2]  # bounded: keep=2
+  logs = []
+  resumed = _fit(dataset, checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp", log=logs.append),
+                 log=logs.append)
+  assert any("resuming from" in m and "2 epochs done" in m for m in logs)
+  _same_result(resumed, uninterrupted)
+
+
+def _largest_file(directory):
+  files = [os.path.join(d, n) for d, _, ns in os.walk(directory) for n in ns]
+  return max(files, key=os.path.getsize)
+
+
+def _zero_4k(path):
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.seek(max(0, size // 2 - 2048))
+    f.write(b"\0" * min(4096, size))
+
+
+def test_checkpoint_checksum_catches_zeroed_and_truncated_files(tmp_path):
+  tree = {"w": jnp.arange(40000, dtype=jnp.float32).reshape(200, 200), "b": jnp.ones(7)}
+  checkpoint.save(str(tmp_path / "a"), tree)
+  restored, _ = checkpoint.restore(str(tmp_path / "a"), tree)
+  np.testing.assert_array_equal(restored["w"], tree["w"])
+  _zero_4k(_largest_file(tmp_path / "a" / "arrays"))
+  with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path / "a")):
+    checkpoint.restore(str(tmp_path / "a"), tree)
+  checkpoint.save(str(tmp_path / "b"), tree)
+  victim = _largest_file(tmp_path / "b" / "arrays")
+  os.truncate(victim, os.path.getsize(victim) // 3)
+  with pytest.raises(checkpoint.CheckpointError, match=str(tmp_path / "b")):
+    checkpoint.restore(str(tmp_path / "b"), tree)
+
+
+def test_corrupted_cell_checkpoint_restarts_from_scratch(dataset, tmp_path):
+  uninterrupted = _fit(dataset, None)
+  ckpt = checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp", keep=1)
+  _fit(dataset, ckpt)
+  (step,) = ckpt.rolling.steps()
+  _zero_4k(_largest_file(os.path.join(ckpt.rolling.path(step), "arrays")))
+  logs = []
+  again = _fit(dataset, checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp", log=logs.append),
+               log=logs.append)
+  assert any("corrupted" in m and "from scratch" in m for m in logs), logs
+  _same_result(again, uninterrupted)
+
+
+def test_checkpoint_of_another_config_is_ignored(dataset, tmp_path):
+  _fit(dataset, checkpoint.FitCheckpointer(str(tmp_path / "ck"), "old-config"))
+  logs = []
+  ckpt = checkpoint.FitCheckpointer(str(tmp_path / "ck"), "new-config", log=logs.append)
+  _fit(dataset, ckpt, log=logs.append)
+  assert not any("resuming" in m for m in logs)
+  assert any("different config" in m for m in logs)
+  # Only the new run's checkpoints remain (keep=2 of its 6 epochs).
+  assert ckpt.rolling.steps() == [5, 6]
+  assert all(checkpoint.read_meta(ckpt.rolling.path(s))["fingerprint"] == "new-config"
+             for s in ckpt.rolling.steps())
+
+
+def test_corrupted_pretrained_checkpoint_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+  from experiments import _common
+  pcfg = _common.pretrain()
+  built = []
+
+  def fake_train_source(pcfg, log=print, checkpointer=None):
+    built.append(1)
+    return {"params": {"w": np.full((64, 64), 3.0, np.float32)}}, {"test_accuracy": 0.5,
+                                                                     "seconds": 0.0}
+
+  monkeypatch.setattr(pretrain, "train_source", fake_train_source)
+  cache = str(tmp_path / "cache")
+  variables, path = pretrain.get_or_build(pcfg, cache, log=lambda *_: None)
+  assert len(built) == 1
+  pretrain.get_or_build(pcfg, cache, log=lambda *_: None)
+  assert len(built) == 1  # cached
+  _zero_4k(_largest_file(os.path.join(path, "variables", "arrays")))
+  logs = []
+  again, _ = pretrain.get_or_build(pcfg, cache, log=logs.append)
+  assert len(built) == 2
+  assert any(m.startswith("warning:") and path in m and "rebuilding" in m for m in logs), logs
+  np.testing.assert_array_equal(again["params"]["w"], variables["params"]["w"])
+
+
+def test_forced_nan_marks_the_cell_and_the_grid_goes_on(tmp_path, capsys):
+  # lr 1e38 overflows float32 logits after one step: a NaN loss, forced for real.
+  args = _args(tmp_path, "nan", "--config.train.epochs=8", "--config.train.warmup_epochs=0.0",
+               "--config.grid=[{'strategy': ['full', 'linear_probe'], 'train.lr': [1e38]}]")
+  with tfds.testing.mock_data(num_examples=24):
+    assert run.main(args) == 0
+  capsys.readouterr()
+  work = tmp_path / "work-nan"
+  finals = {f["strategy"]: f for f in (io.read_json(work / c / "final.json")
+                                       for c in os.listdir(work) if not c.startswith("."))}
+  full = finals["full"]
+  assert full["status"] == "diverged"
+  assert full["diverged_at"]["epoch"] >= 1 and full["diverged_at"]["step"] >= 1
+  assert full["epochs_run"] == full["diverged_at"]["epoch"] < 8  # stopped there
+  table = (tmp_path / "results-nan" / "finetune_sweep" / "table.md").read_text()
+  assert "diverged" in table and "nan" not in table.lower().replace("non-finite", "")
+  rows = {r["strategy"]: r for r in _rows(tmp_path / "results-nan" / "finetune_sweep" / "runs.csv")}
+  assert rows["full"]["status"] == "diverged"
+
+
+def test_second_sweep_on_a_workdir_in_use_exits_at_once(tmp_path):
+  lock = io.directory_lock(str(tmp_path / "work-busy"))
+  assert lock.acquire()
+  try:
+    r = subprocess.run([sys.executable, "-m", "tlresearch.run", *_args(tmp_path, "busy")],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+  finally:
+    lock.release()
+  assert r.returncode == 2
+  assert "is in use by another sweep" in r.stderr and str(os.getpid()) in r.stderr
+  assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / "results-busy").exists()
+  # A lock whose holder died (here: released) does not block the next sweep.
+  assert io.directory_lock(str(tmp_path / "work-busy")).acquire()
+
+
+def test_a_killed_lock_holder_leaves_no_stale_lock(tmp_path):
+  holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+      import sys, time
+      from tlresearch import io
+      assert io.directory_lock({str(tmp_path)!r}).acquire()
+      print("locked", flush=True)
+      time.sleep(600)
+  """)], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "locked"
+  assert not io.directory_lock(str(tmp_path)).acquire()
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  assert io.directory_lock(str(tmp_path)).acquire()
+
+
+def test_results_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+  from tlresearch import report
+  finals = [{"cell_id": f"c{s}", "axes": {"strategy": "full", "target": "t", "seed": s},
+             "status": "ok", "test_accuracy": 0.5 + s / 10, "test_macro_f1": 0.4,
+             "best_epoch": 1, "epochs_run": 1, "trainable_params": 10} for s in range(3)]
+  out = str(tmp_path / "results" / "x")
+  report.write(finals, ["strategy", "target", "seed"], out, "x")
+  before = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+
+  def crash(*a, **k):
+    raise RuntimeError("disk full")
+
+  monkeypatch.setattr(report, "plot", crash)  # fails after the CSVs and tables are written
+  changed = [{**f, "test_accuracy": 0.1} for f in finals]
+  with pytest.raises(RuntimeError):
+    report.write(changed, ["strategy", "target", "seed"], out, "x")
+  after = {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+  assert after == before
+  assert sorted(os.listdir(tmp_path / "results")) == ["x"]  # no temporary folder left
+
+
+# (extra CLI arguments, expected message fragment) -> exit 2, one line, nothing written.
+BAD_INPUTS = [
+    (["--experiment=nope"], "unknown experiment 'nope'; valid: "),
+    (["--config.trian.lr=1"], "unknown config key 'trian.lr'"),
+    (["--config.grid=[{'strategy': ['nope']}]"], "unknown strategy 'nope'"),
+    (["--config.targets=['imagenet21k']"], "unknown target 'imagenet21k'; valid: "),
+    (["--config.model.family=vit"], "unknown model.family 'vit'; valid: "),
+    (["--config.train.lr=0"], "train.lr must be > 0, got 0"),
+    (["--config.train.lr=-0.1"], "train.lr must be > 0, got -0.1"),
+    (["--config.model.dropout_rate=1.0"], "model.dropout_rate must be in [0, 1), got 1.0"),
+    (["--config.model.dropout_rate=-0.5"], "model.dropout_rate must be in [0, 1)"),
+    (["--config.k_shot=100000"], "k_shot=100000 is more than the"),
+    (["--config.grid=[{'strategy': ['partial:k=9']}]"], "partial:k=9"),
+    (["--config.grid=[{'strategy': ['partial:k=two']}]"], "partial:k=two"),
+    (["--config.train.epochs=0"], "train.epochs must be >= 1, got 0"),
+    (["--config.train.optimizer=lion"], "unknown train.optimizer 'lion'; valid: "),
+    (["--config.train.batch_size=0"], "train.batch_size must be >= 1"),
+    (["--config.grid=[{'train.lrr': [1]}]"], "grid axis 'train.lrr' is not a config key"),
+    (["--config.train.lr=abc"], "expected float"),
+    (["--bogus"], "unknown flag '--bogus'"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
+def test_bad_input_table(tmp_path, monkeypatch, capsys, extra, message):
+  base = [a for a in _args(tmp_path, "bad") if not a.startswith("--experiment")]
+  if extra[0].startswith("--experiment"):
+    argv = [*extra, *base]
+  else:
+    argv = ["--experiment=finetune_sweep", *base, *extra]
+  monkeypatch.setattr(sys, "argv", ["tlresearch.run", *argv])
+  t0 = time.monotonic()
+  with tfds.testing.mock_data(num_examples=24), pytest.raises(SystemExit) as exit_info:
+    run.cli()
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2
+  assert message in err, err
+  assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+  assert "Traceback" not in err
+  assert not (tmp_path / "results-bad").exists()
+  assert not (tmp_path / "cache" / "pretrained").exists()  # nothing trained
+  assert time.monotonic() - t0 < 30
