@@ -1,7 +1,6 @@
 """Fault tolerance, done for real: SIGKILL and resume, corrupted checkpoints, a forced NaN,
 a locked workdir, and a table of bad inputs with their messages and exit codes."""
 import csv
-import json
 import os
 import signal
 import subprocess

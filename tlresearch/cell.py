@@ -5,7 +5,6 @@ import os
 import time
 
 import jax.numpy as jnp
-import numpy as np
 from sklearn import metrics as skm
 
 from tlresearch import data as data_lib

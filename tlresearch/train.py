@@ -390,10 +390,9 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
         wait += 1
         stopped = bool(es.enabled and wait >= int(es.patience))
       if checkpointer is not None:
-        snapshot = best
         checkpointer.maybe_save(
             len(history),
-            lambda: {"state": state, "best_params": snapshot[1], "best_stats": snapshot[2]},
+            lambda s=state, b=best: {"state": s, "best_params": b[1], "best_stats": b[2]},
             {"stage": stage_index, "stage_epoch": stage_epoch + 1, "stopped": stopped,
              "history": history, "notes": notes, "best_score": best[0], "best_epoch": best[3],
              "wait": wait})
