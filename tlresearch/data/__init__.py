@@ -1,4 +1,6 @@
-"""The benchmark datasets: offline TFDS builders and a loader into numpy arrays."""
-from tlresearch.data.load import Dataset, DATASETS, load, default_data_dir
+"""The datasets: offline TFDS builders, TFDS catalog datasets, image folders; a loader into
+numpy arrays."""
+from tlresearch.data.load import (Dataset, DATASETS, check_name, default_data_dir, load,
+                                  load_for, report)
 
-__all__ = ["Dataset", "DATASETS", "load", "default_data_dir"]
+__all__ = ["Dataset", "DATASETS", "check_name", "default_data_dir", "load", "load_for", "report"]
