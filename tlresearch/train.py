@@ -214,9 +214,10 @@ class EvalSpec:
 def _forward_chunks(spec: EvalSpec, variables, x):
   """Inference-mode output of groups start..stop for all of x, in fixed-size chunks."""
   n = x.shape[0]
-  pad = (-n) % EVAL_CHUNK
+  chunk = max(1, min(EVAL_CHUNK, n))  # a small split is not padded up to a whole chunk
+  pad = (-n) % chunk
   xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-  xs = xs.reshape((-1, EVAL_CHUNK) + x.shape[1:])
+  xs = xs.reshape((-1, chunk) + x.shape[1:])
 
   groups = spec.model.groups
   start, stop = spec.start or groups[0], spec.stop or groups[-1]

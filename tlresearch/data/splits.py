@@ -86,4 +86,9 @@ def assemble(arrays: dict, opts: DataOptions, name: str) -> tuple[dict, list[str
     val, (x, y) = (x[cut], y[cut]), (x[keep], y[keep])
     notes.append(f"{name}: no validation split; carved {len(cut)} examples "
                  f"({opts.val_fraction:g} per class, split_seed {opts.split_seed}) from train")
-  return {"train": (x, y), "validation": val, "test": test}, notes
+  out = {"train": (x, y), "validation": val, "test": test}
+  for split, (xs, _) in out.items():
+    if len(xs) == 0:
+      raise UserError(f"{name}: the {split} split is empty (too few examples to carve one; "
+                      "add examples or a folder for it)")
+  return out, notes

@@ -36,8 +36,8 @@ def _keys(builder, name: str) -> tuple[str, str]:
   keys = builder.info.supervised_keys
   image, label = keys if isinstance(keys, tuple) and len(keys) == 2 and \
       all(isinstance(k, str) for k in keys) else ("image", "label")
-  if not (isinstance(features.get(image), tfds.features.Image)
-          and isinstance(features.get(label), tfds.features.ClassLabel)):
+  if not (image in features and isinstance(features[image], tfds.features.Image)
+          and label in features and isinstance(features[label], tfds.features.ClassLabel)):
     raise UserError(f"tfds:{name} is not an image-classification dataset (needs an image "
                     f"feature and a class label; has {', '.join(features.keys())})")
   return image, label
