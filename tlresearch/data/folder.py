@@ -105,3 +105,16 @@ def load(path: str, opts: DataOptions, size: int | None):
                       f"{arrays['train'][0].shape[1:3]}: set model.input_size")
   splits, notes = assemble({s: a for s, a in arrays.items() if len(a[0])}, opts, name)
   return splits, notes, tuple(classes), skipped
+
+
+def fingerprint(path: str) -> tuple:
+  """Modification times of the folder, its split folders and their class folders: adding or
+  removing a file or class changes it, so a process never reuses a stale decoded copy."""
+  root = os.path.abspath(os.path.expanduser(path))
+  out = []
+  for d in [root] + [os.path.join(root, s) for names in SPLIT_DIRS.values() for s in names]:
+    if os.path.isdir(d):
+      out.append((d, os.stat(d).st_mtime_ns))
+      if d != root:
+        out += [(e.path, e.stat().st_mtime_ns) for e in os.scandir(d) if e.is_dir()]
+  return tuple(sorted(out))

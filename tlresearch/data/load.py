@@ -192,6 +192,9 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 def _load_resized(name: str, data_dir: str, size: int | None, opts: DataOptions) -> Dataset:
   key = (name, data_dir, size, opts)
+  if name.startswith("folder:"):
+    from tlresearch.data import folder
+    key += folder.fingerprint(name[len("folder:"):])
   mocked = _mocked(data_dir)
   with _lock:
     if not mocked and key in _cache:

@@ -33,6 +33,10 @@ def build(model_cfg, num_classes: int):
     raise UserError(f"unknown model.family '{family}'; valid: {choices(FAMILIES)}")
   kwargs = _kwargs(model_cfg)
   fields = {f.name for f in dataclasses.fields(FAMILIES[family])} - {"parent", "name"}
+  if "input_size" not in fields and kwargs.get("input_size") is not None:
+    # Any size runs through the small ResNet; the key only tells the data pipeline.
+    if int(kwargs.pop("input_size")) < 1:
+      raise UserError(f"model.input_size must be >= 1, got {model_cfg.input_size}")
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise UserError(f"model.{unknown[0]} is not a field of model.family '{family}'; valid: "
