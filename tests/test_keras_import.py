@@ -21,7 +21,7 @@ keras = pytest.importorskip("keras")
 
 def _keras_model(family, include_top, size, pooling=None):
   app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}[family]
-  kwargs = dict(classes=10) if include_top else dict(pooling=pooling)
+  kwargs = {"classes": 10} if include_top else {"pooling": pooling}
   model = app(weights=None, include_top=include_top, input_shape=(size, size, 3), **kwargs)
   rng = np.random.default_rng(0)
   for layer in model.layers:
@@ -62,7 +62,7 @@ def test_from_keras_rejects_other_models():
     ("vgg16", ("block1", "block2", "block3", "block4", "block5", "head")),
     ("resnet50", ("stem", "stage1", "stage2", "stage3", "stage4", "head"))])
 def test_groups_are_top_level_params_and_any_slice_runs(family, groups):
-  cfg = ml_collections.ConfigDict(dict(family=family, width=4, input_size=32))
+  cfg = ml_collections.ConfigDict({"family": family, "width": 4, "input_size": 32})
   model = models.build(cfg, 3)
   v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   assert model.groups == groups == models.groups_of(cfg) == tuple(v["params"])
@@ -76,8 +76,8 @@ def test_groups_are_top_level_params_and_any_slice_runs(family, groups):
 
 
 def test_vgg_keras_top_has_a_pretrained_fc_group():
-  cfg = ml_collections.ConfigDict(dict(family="vgg16", width=4, input_size=32, top="keras",
-                                       fc_features=8))
+  cfg = ml_collections.ConfigDict({"family": "vgg16", "width": 4, "input_size": 32, "top": "keras",
+                                       "fc_features": 8})
   model = models.build(cfg, 3)
   v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   assert model.groups[-2:] == ("fc", "head") and set(v["params"]["fc"]) == {"fc1", "fc2"}
@@ -87,8 +87,8 @@ def test_vgg_keras_top_has_a_pretrained_fc_group():
 def test_missing_imagenet_weights_fail_fast_naming_the_file(tmp_path, monkeypatch):
   monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
   monkeypatch.setenv("TLRESEARCH_OFFLINE", "1")
-  cfg = ml_collections.ConfigDict(dict(family="vgg16", pretrained="keras:imagenet",
-                                       input_size=224))
+  cfg = ml_collections.ConfigDict({"family": "vgg16", "pretrained": "keras:imagenet",
+                                       "input_size": 224})
   t0 = time.perf_counter()
   with pytest.raises(UserError) as err:
     models.check_pretrained(cfg)
@@ -105,8 +105,8 @@ def test_keras_weights_file_loads_through_keras(tmp_path):
   path = str(tmp_path / "vgg16.weights.h5")
   keras_model = _keras_model("vgg16", False, 32)
   keras_model.save_weights(path)
-  cfg = ml_collections.ConfigDict(dict(family="vgg16", pretrained=f"keras:{path}",
-                                       input_size=32))
+  cfg = ml_collections.ConfigDict({"family": "vgg16", "pretrained": f"keras:{path}",
+                                       "input_size": 32})
   loaded = models.load_pretrained(cfg, log=lambda *_: None)
   np.testing.assert_array_equal(loaded["params"]["block3"]["conv2"]["kernel"],
                                 keras_model.get_layer("block3_conv2").get_weights()[0])
@@ -117,6 +117,6 @@ def test_default_paths_do_not_import_keras(tmp_path):
           "assert 'keras' not in sys.modules, 'keras imported'\n"
           "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
           "assert 'tlresearch.models.keras_import' not in sys.modules\n")
-  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+  r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False,
                      env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
   assert r.returncode == 0, r.stderr

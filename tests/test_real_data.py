@@ -10,10 +10,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from experiments import finetune_sweep
+from tests.conftest import tiny_train_cfg
 from tlresearch import data as data_lib
 from tlresearch import run, sweep
 from tlresearch.errors import UserError
-from tests.conftest import tiny_train_cfg
 
 
 def _image_folder(root, classes=("cat", "dog", "eel"), per_class=6, splits=("train",)):
@@ -110,6 +110,10 @@ def test_tfds_catalog_dataset_resized_with_carved_validation(tmp_path):
   assert any("no validation split; carved" in n for n in data.notes)
 
 
+def _read_json(path):
+  return json.loads(path.read_text())
+
+
 def _folder_sweep_config(root):
   c = finetune_sweep.get_config()
   c.targets = [f"folder:{root}"]
@@ -134,12 +138,12 @@ def test_tiny_sweep_on_an_image_folder(tmp_path):
                              str(tmp_path / "results"), progress=False)
   assert summary["cells"] == 2
   for cell in os.listdir(tmp_path / "work"):
-    final = json.load(open(tmp_path / "work" / cell / "final.json"))
+    final = _read_json(tmp_path / "work" / cell / "final.json")
     assert final["status"] == "ok" and final["train_examples"] == 12
     assert final["skipped_files"]["count"] == 2
     assert {os.path.basename(p) for p in final["skipped_files"]["first"]} == {"broken.jpg",
                                                                               "notes.txt"}
-  table = open(tmp_path / "results" / "folder_sweep" / "table.md").read()
+  table = (tmp_path / "results" / "folder_sweep" / "table.md").read_text()
   assert "linear_probe" in table and "full" in table
 
 
@@ -157,7 +161,7 @@ def test_tiny_sweep_on_tfds_cifar10_with_keras_vgg16(tmp_path):
           "--config.grid=[{'strategy': ['linear_probe', 'partial:k=1']}]"]
   with tfds.testing.mock_data(num_examples=20):
     assert run.main(args) == 0
-  finals = [json.load(open(tmp_path / "work" / c / "final.json"))
+  finals = [_read_json(tmp_path / "work" / c / "final.json")
             for c in os.listdir(tmp_path / "work")]
   assert sorted(f["strategy"] for f in finals) == ["linear_probe", "partial:k=1"]
   probe = next(f for f in finals if f["strategy"] == "linear_probe")

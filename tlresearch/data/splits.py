@@ -20,7 +20,7 @@ class DataOptions:
   vtab1k: bool = False        # VTAB-1k: 800 train + 200 validation drawn from train (seeded)
 
   @classmethod
-  def from_config(cls, cfg) -> "DataOptions":
+  def from_config(cls, cfg) -> DataOptions:
     if not cfg:
       return cls()
     given = dict(cfg.items() if hasattr(cfg, "items") else cfg)
@@ -42,7 +42,7 @@ def carve(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, n
   carved = []
   for c in np.unique(labels):
     idx = rng.permutation(np.flatnonzero(labels == c))
-    n = int(round(fraction * len(idx)))
+    n = round(fraction * len(idx))
     if len(idx) >= 2:
       n = min(max(n, 1), len(idx) - 1)
     carved.append(idx[:n])

@@ -33,10 +33,11 @@ def build(model_cfg, num_classes: int):
     raise UserError(f"unknown model.family '{family}'; valid: {choices(FAMILIES)}")
   kwargs = _kwargs(model_cfg)
   fields = {f.name for f in dataclasses.fields(FAMILIES[family])} - {"parent", "name"}
-  if "input_size" not in fields and kwargs.get("input_size") is not None:
-    # Any size runs through the small ResNet; the key only tells the data pipeline.
-    if int(kwargs.pop("input_size")) < 1:
-      raise UserError(f"model.input_size must be >= 1, got {model_cfg.input_size}")
+  if "input_size" not in fields:
+    # Any size runs through the small ResNet; there the key only tells the data pipeline.
+    size = kwargs.pop("input_size", None)
+    if size is not None and int(size) < 1:
+      raise UserError(f"model.input_size must be >= 1, got {size}")
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise UserError(f"model.{unknown[0]} is not a field of model.family '{family}'; valid: "
@@ -117,5 +118,5 @@ def from_keras(keras_model):
   return keras_import.from_keras(keras_model)
 
 
-__all__ = ["FAMILIES", "ResNet", "ResNet50", "VGG16", "build", "check_pretrained", "from_keras",
+__all__ = ["FAMILIES", "VGG16", "ResNet", "ResNet50", "build", "check_pretrained", "from_keras",
            "groups_of", "input_size", "load_pretrained", "merge_pretrained", "pretrained_key"]

@@ -192,8 +192,8 @@ def from_keras(keras_model):
   family = _family(layers)
   size = keras_model.input_shape[1] or 224
   if "predictions" in layers:
-    kwargs = dict(top="keras", num_classes=int(layers["predictions"].units),
-                  classifier_activation=_activation_name(layers["predictions"]))
+    kwargs = {"top": "keras", "num_classes": int(layers["predictions"].units),
+                  "classifier_activation": _activation_name(layers["predictions"])}
     if family == "vgg16":
       kwargs["fc_features"] = int(layers["fc1"].units)
   else:
@@ -201,7 +201,7 @@ def from_keras(keras_model):
     for layer in keras_model.layers[-1:]:
       kind = type(layer).__name__
       pooling = {"GlobalAveragePooling2D": "avg", "GlobalMaxPooling2D": "max"}.get(kind)
-    kwargs = dict(top="none", num_classes=0, pooling=pooling)
+    kwargs = {"top": "none", "num_classes": 0, "pooling": pooling}
   module = (VGG16 if family == "vgg16" else ResNet50)(input_size=int(size), **kwargs)
   variables = (_vgg_variables if family == "vgg16" else _resnet50_variables)(layers)
   _check_against(module, variables, int(size))

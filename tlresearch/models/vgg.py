@@ -18,9 +18,11 @@ smaller ones are for tests. Input: preprocessed float NHWC, as `keras.applicatio
 """
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
+
 from tlresearch.models.heads import Head, pool
 
 # (convolutions, width multiple of `width`) per block.
