@@ -12,8 +12,10 @@ Needs the weights and the data once (see README, "ImageNet backbones and real da
 Other backbones and data by config only: --config.model.family=resnet50,
 --config.targets="['tfds:cifar10']" or "['folder:/path/to/images']" (train/<class>/*.jpg).
 
-CPU smoke run (32 px, 2 examples per class, 1 epoch, 2 strategies, 1 seed):
-  --config.model.input_size=32 --config.k_shot=2 --config.train.epochs=1 --config.seeds=[0]
+CPU smoke run (32 px, 1 example per class, 1 epoch, 2 strategies, 1 seed, evaluation on
+fixed subsets of 100 validation and 200 test images):
+  --config.model.input_size=32 --config.k_shot=1 --config.train.epochs=1 --config.seeds=[0]
+  --config.data.val_examples=100 --config.data.test_examples=200
   --config.grid="[{'strategy': ['linear_probe', 'full']}]"
 """
 import ml_collections
@@ -41,6 +43,8 @@ def data() -> ml_collections.ConfigDict:
   d.test_fraction = 0.2        # carved from train the same way when it has no test split
   d.split_seed = 0             # fixed carve: every seed and strategy sees the same val / test
   d.vtab1k = False             # VTAB-1k: 800 train + 200 validation drawn from train
+  d.val_examples = 0           # >0: a fixed random subset of validation (CPU smoke runs)
+  d.test_examples = 0          # >0: the same for test; 0 = the whole split
   return d
 
 

@@ -18,6 +18,8 @@ class DataOptions:
   test_fraction: float = 0.2  # carved from train the same way when there is no test split
   split_seed: int = 0         # one fixed carve for every seed: all cells share val and test
   vtab1k: bool = False        # VTAB-1k: 800 train + 200 validation drawn from train (seeded)
+  val_examples: int = 0       # >0: evaluate on this many validation examples (seeded subset)
+  test_examples: int = 0      # >0: the same for test (CPU smoke runs; 0 = the whole split)
 
   @classmethod
   def from_config(cls, cfg) -> DataOptions:
@@ -32,6 +34,9 @@ class DataOptions:
     for key in ("val_fraction", "test_fraction"):
       if not 0 < getattr(opts, key) < 1:
         raise UserError(f"data.{key} must be in (0, 1), got {getattr(opts, key)}")
+    for key in ("val_examples", "test_examples"):
+      if getattr(opts, key) < 0:
+        raise UserError(f"data.{key} must be >= 0 (0: the whole split), got {getattr(opts, key)}")
     return opts
 
 
@@ -87,6 +92,12 @@ def assemble(arrays: dict, opts: DataOptions, name: str) -> tuple[dict, list[str
     notes.append(f"{name}: no validation split; carved {len(cut)} examples "
                  f"({opts.val_fraction:g} per class, split_seed {opts.split_seed}) from train")
   out = {"train": (x, y), "validation": val, "test": test}
+  for split, cap in (("validation", opts.val_examples), ("test", opts.test_examples)):
+    if 0 < cap < len(out[split][1]):
+      keep = np.sort(np.random.default_rng(opts.split_seed).permutation(len(out[split][1]))[:cap])
+      notes.append(f"{name}: {split} limited to {cap} of {len(out[split][1])} examples "
+                   f"(data.{'val' if split == 'validation' else 'test'}_examples)")
+      out[split] = (out[split][0][keep], out[split][1][keep])
   for split, (xs, _) in out.items():
     if len(xs) == 0:
       raise UserError(f"{name}: the {split} split is empty (too few examples to carve one; "
