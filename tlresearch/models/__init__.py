@@ -8,18 +8,20 @@ from __future__ import annotations
 import dataclasses
 
 from tlresearch.errors import UserError, choices
+from tlresearch.models import mobilenet_v2 as mobilenet_v2_lib
 from tlresearch.models import resnet50 as resnet50_lib
 from tlresearch.models import vgg as vgg_lib
 from tlresearch.models.merge import merge_pretrained
+from tlresearch.models.mobilenet_v2 import MobileNetV2
 from tlresearch.models.resnet import ResNet, group_names
 from tlresearch.models.resnet50 import ResNet50
 from tlresearch.models.vgg import VGG16
 
-FAMILIES = {"resnet": ResNet, "vgg16": VGG16, "resnet50": ResNet50}
+FAMILIES = {"resnet": ResNet, "vgg16": VGG16, "resnet50": ResNet50, "mobilenet_v2": MobileNetV2}
 # Families whose weights come from Keras applications (see models/keras_import.py).
-KERAS_FAMILIES = {"vgg16": vgg_lib, "resnet50": resnet50_lib}
+KERAS_FAMILIES = {"vgg16": vgg_lib, "resnet50": resnet50_lib, "mobilenet_v2": mobilenet_v2_lib}
 TRAINABLE_TOPS = ("keras", "linear")  # "none" has no head for a strategy to train
-MIN_INPUT_SIZE = 32  # Keras's minimum for VGG16 and ResNet50 (five stride-2 reductions)
+MIN_INPUT_SIZE = 32  # Keras's minimum for its applications (five stride-2 reductions)
 
 
 def _kwargs(model_cfg) -> dict:
@@ -56,6 +58,8 @@ def build(model_cfg, num_classes: int):
                       f"{kwargs['input_size']}")
     if int(kwargs.get("width", 64)) < 1:
       raise UserError(f"model.width must be >= 1, got {kwargs['width']}")
+    if float(kwargs.get("alpha", 1.0)) <= 0:
+      raise UserError(f"model.alpha must be > 0, got {kwargs['alpha']}")
   return FAMILIES[family](num_classes=num_classes, **kwargs)
 
 
@@ -85,10 +89,11 @@ def pretrained_key(model_cfg) -> str | None:
     if not source.startswith("keras:") or source == "keras:":
       raise UserError(f"model.pretrained must be keras:imagenet or keras:PATH for {family}, "
                       f"got '{source}'")
-    if int(model_cfg.get("width", 64)) != 64:
+    if family != "mobilenet_v2" and int(model_cfg.get("width", 64)) != 64:
       raise UserError(f"model.width must be 64 to load Keras weights into {family}, got "
                       f"{model_cfg.width}")
-    return f"{family}/top={model_cfg.get('top', 'linear')}/size={input_size(model_cfg)}/{source}"
+    return (f"{family}/top={model_cfg.get('top', 'linear')}/size={input_size(model_cfg)}"
+            f"/alpha={model_cfg.get('alpha', 1.0)}/{source}")
   if source:
     raise UserError(f"model.pretrained='{source}' is not available for model.family "
                     f"'{family}'; valid: '' (source pretraining); keras:... needs family "
@@ -101,14 +106,16 @@ def check_pretrained(model_cfg) -> None:
   if pretrained_key(model_cfg) is not None:
     from tlresearch.models import keras_import
     keras_import.check_source(model_cfg.family, model_cfg.get("top") == "keras",
-                              model_cfg.pretrained, input_size(model_cfg) or 224)
+                              model_cfg.pretrained, input_size(model_cfg) or 224,
+                              float(model_cfg.get("alpha", 1.0)))
 
 
 def load_pretrained(model_cfg, log=print) -> dict:
   """The external weights `model_cfg.pretrained` names, as variables of its family."""
   from tlresearch.models import keras_import
   return keras_import.load_source(model_cfg.family, model_cfg.get("top") == "keras",
-                                  model_cfg.pretrained, input_size(model_cfg) or 224, log)
+                                  model_cfg.pretrained, input_size(model_cfg) or 224,
+                                  float(model_cfg.get("alpha", 1.0)), log)
 
 
 def from_keras(keras_model):
@@ -118,5 +125,5 @@ def from_keras(keras_model):
   return keras_import.from_keras(keras_model)
 
 
-__all__ = ["FAMILIES", "VGG16", "ResNet", "ResNet50", "build", "check_pretrained", "from_keras",
+__all__ = ["FAMILIES", "VGG16", "MobileNetV2", "ResNet", "ResNet50", "build", "check_pretrained", "from_keras",
            "groups_of", "input_size", "load_pretrained", "merge_pretrained", "pretrained_key"]

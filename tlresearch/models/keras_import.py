@@ -1,6 +1,6 @@
 """Keras applications -> Flax: `from_keras(keras_model)` and the `keras:` pretrained weights.
 
-`from_keras` reads a Keras VGG16 or ResNet50 (with or without its top, any input size and
+`from_keras` reads a Keras VGG16, ResNet50 or MobileNetV2 (with or without its top, any input size and
 class count Keras allows) and returns `(module, variables)` such that
 `module.apply(variables, x)` equals `keras_model(x)` for the same preprocessed NHWC float32
 batch. Keras is imported only here, and only when these functions run.
@@ -27,18 +27,24 @@ import numpy as np
 from flax import traverse_util
 
 from tlresearch.errors import UserError
+from tlresearch.models import mobilenet_v2 as mnv2
 from tlresearch.models.resnet50 import STAGE_BLOCKS, ResNet50
 from tlresearch.models.vgg import BLOCKS, VGG16
 
-# Keras's file names (keras/src/applications/{vgg16,resnet}.py), by (family, include_top).
-WEIGHT_FILES = {
-    ("vgg16", True): "vgg16_weights_tf_dim_ordering_tf_kernels.h5",
-    ("vgg16", False): "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    ("resnet50", True): "resnet50_weights_tf_dim_ordering_tf_kernels.h5",
-    ("resnet50", False): "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
-}
 ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications/"
-ORIGIN_DIRS = {"vgg16": "vgg16/", "resnet50": "resnet/"}
+ORIGIN_DIRS = {"vgg16": "vgg16/", "resnet50": "resnet/", "mobilenet_v2": "mobilenet_v2/"}
+# Input sizes Keras has MobileNetV2 ImageNet weights for; other sizes load the 224 ones.
+MOBILENET_V2_SIZES = (96, 128, 160, 192, 224)
+ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)  # MobileNetV2 widths with ImageNet weights
+
+
+def weight_file(family: str, include_top: bool, input_size: int = 224, alpha: float = 1.0) -> str:
+  """Keras's file name for the ImageNet weights (keras/src/applications/*.py)."""
+  if family == "mobilenet_v2":
+    rows = input_size if input_size in MOBILENET_V2_SIZES else 224
+    return (f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_{rows}"
+            + ("" if include_top else "_no_top") + ".h5")
+  return f"{family}_weights_tf_dim_ordering_tf_kernels" + ("" if include_top else "_notop") + ".h5"
 
 
 def keras_home() -> str:
@@ -50,9 +56,10 @@ def keras_home() -> str:
   return os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
 
 
-def imagenet_weights_path(family: str, include_top: bool) -> str:
+def imagenet_weights_path(family: str, include_top: bool, input_size: int = 224,
+                          alpha: float = 1.0) -> str:
   """Where Keras's loader looks for (and would download) the ImageNet weights file."""
-  return os.path.join(keras_home(), "models", WEIGHT_FILES[(family, include_top)])
+  return os.path.join(keras_home(), "models", weight_file(family, include_top, input_size, alpha))
 
 
 def _import_keras():
@@ -64,11 +71,15 @@ def _import_keras():
   return keras
 
 
-def check_source(family: str, include_top: bool, source: str, input_size: int) -> None:
+def check_source(family: str, include_top: bool, source: str, input_size: int,
+                 alpha: float = 1.0) -> None:
   """UserError unless `source` ('keras:imagenet' or 'keras:PATH') can be loaded now."""
   what = source[len("keras:"):]
   if what == "imagenet":
-    path = imagenet_weights_path(family, include_top)
+    path = imagenet_weights_path(family, include_top, input_size, alpha)
+    if family == "mobilenet_v2" and alpha not in ALPHAS:
+      raise UserError(f"no ImageNet weights for MobileNetV2 with model.alpha={alpha}; valid: "
+                      + ", ".join(map(str, ALPHAS)))
     if include_top and input_size != 224:
       raise UserError(f"model.top='keras' with ImageNet weights needs model.input_size=224 "
                       f"(Keras's flatten size), got {input_size}; use model.top='linear' for "
@@ -106,21 +117,26 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
 
 
 def keras_application(family: str, include_top: bool, weights, input_size: int,
-                      classes: int = 1000):
+                      classes: int = 1000, alpha: float = 1.0):
   """The Keras application (built with Keras's own loader for `weights`)."""
   keras = _import_keras()
-  app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}[family]
-  return app(include_top=include_top, weights=weights, classes=classes,
-             input_shape=(input_size, input_size, 3))
+  kwargs = dict(include_top=include_top, weights=weights, classes=classes,
+                input_shape=(input_size, input_size, 3))
+  if family == "mobilenet_v2":
+    return keras.applications.MobileNetV2(alpha=alpha, **kwargs)
+  return {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}[family](
+      **kwargs)
 
 
-def load_source(family: str, include_top: bool, source: str, input_size: int, log=print) -> dict:
+def load_source(family: str, include_top: bool, source: str, input_size: int,
+                alpha: float = 1.0, log=print) -> dict:
   """Variables of `family` from 'keras:imagenet' or 'keras:PATH' (checked first)."""
-  check_source(family, include_top, source, input_size)
+  check_source(family, include_top, source, input_size, alpha)
   what = source[len("keras:"):]
   weights = "imagenet" if what == "imagenet" else os.path.expanduser(what)
   log(f"loading {family} weights from {source} through Keras")
-  return from_keras(keras_application(family, include_top, weights, input_size))[1]
+  return from_keras(keras_application(family, include_top, weights, input_size,
+                                      alpha=alpha))[1]
 
 
 # ---------------------------------------------------------------- conversion
@@ -128,16 +144,24 @@ def load_source(family: str, include_top: bool, source: str, input_size: int, lo
 def _family(layers: dict) -> str:
   if "block1_conv1" in layers and "block5_conv3" in layers:
     return "vgg16"
+  if "Conv1" in layers and "block_16_project" in layers and "Conv_1" in layers:
+    return "mobilenet_v2"
   if "conv1_conv" in layers and "conv5_block3_3_conv" in layers and "conv4_block6_out" in layers \
       and "conv4_block7_out" not in layers:
     return "resnet50"
-  raise ValueError("from_keras supports keras.applications VGG16 and ResNet50; this model "
-                   f"({', '.join(list(layers)[:5])}, ...) is neither")
+  raise ValueError("from_keras supports keras.applications VGG16, ResNet50 and MobileNetV2; "
+                   f"this model ({', '.join(list(layers)[:5])}, ...) is none of them")
 
 
 def _conv(layer) -> dict:
-  kernel, bias = layer.get_weights()  # Keras and Flax both store HWIO kernels
-  return {"kernel": kernel, "bias": bias}
+  kernel, *bias = layer.get_weights()  # Keras and Flax both store HWIO kernels
+  return {"kernel": kernel, "bias": bias[0]} if bias else {"kernel": kernel}
+
+
+def _depthwise(layer) -> dict:
+  # Keras: [h, w, channels, multiplier 1]; Flax's grouped conv: [h, w, 1, channels].
+  (kernel,) = layer.get_weights()
+  return {"kernel": kernel.reshape(kernel.shape[:2] + (1, kernel.shape[2]))}
 
 
 def _bn(layer) -> tuple[dict, dict]:
@@ -175,13 +199,46 @@ def _resnet50_variables(layers: dict) -> dict:
   return {"params": params, "batch_stats": stats}
 
 
+def _mobilenet_v2_variables(layers: dict) -> dict:
+  params = {g: {} for g in mnv2.GROUP_BLOCKS}
+  stats = {g: {} for g in mnv2.GROUP_BLOCKS}
+  params["stem"]["conv"] = _conv(layers["Conv1"])
+  params["stem"]["bn"], stats["stem"]["bn"] = _bn(layers["bn_Conv1"])
+  params["stage4"]["conv"] = _conv(layers["Conv_1"])
+  params["stage4"]["bn"], stats["stage4"]["bn"] = _bn(layers["Conv_1_bn"])
+  for g, blocks in mnv2.GROUP_BLOCKS.items():
+    for b in blocks:
+      prefix = f"block_{b}_" if b else "expanded_conv_"
+      p, st = params[g].setdefault(f"block{b}", {}), stats[g].setdefault(f"block{b}", {})
+      if b:
+        p["expand"] = _conv(layers[prefix + "expand"])
+        p["expand_bn"], st["expand_bn"] = _bn(layers[prefix + "expand_BN"])
+      p["depthwise"] = _depthwise(layers[prefix + "depthwise"])
+      p["depthwise_bn"], st["depthwise_bn"] = _bn(layers[prefix + "depthwise_BN"])
+      p["project"] = _conv(layers[prefix + "project"])
+      p["project_bn"], st["project_bn"] = _bn(layers[prefix + "project_BN"])
+  if "predictions" in layers:
+    params["head"] = {"predictions": _conv(layers["predictions"])}
+  return {"params": params, "batch_stats": stats}
+
+
+def _mobilenet_v2_alpha(layers: dict) -> float:
+  widths = (layers["Conv1"].filters, layers["block_16_project"].filters, layers["Conv_1"].filters)
+  for alpha in ALPHAS + tuple(a / 100 for a in range(10, 301, 5)):
+    last = mnv2.make_divisible(1280 * alpha) if alpha > 1.0 else 1280
+    if widths == (mnv2.make_divisible(32 * alpha), mnv2.make_divisible(int(320 * alpha)), last):
+      return alpha
+  raise ValueError(f"from_keras: no MobileNetV2 alpha gives the layer widths {widths}")
+
+
 def _activation_name(layer) -> str | None:
   name = getattr(layer.activation, "__name__", str(layer.activation))
   return None if name == "linear" else name
 
 
 def from_keras(keras_model):
-  """`(module, variables)` equal to a Keras VGG16 or ResNet50 on preprocessed NHWC input.
+  """`(module, variables)` equal to a Keras VGG16, ResNet50 or MobileNetV2 on preprocessed
+  NHWC input.
 
   With Keras's top the module has `top="keras"` and its classifier activation (softmax by
   default), so outputs are probabilities as in Keras; without it `top="none"` and Keras's
@@ -202,8 +259,12 @@ def from_keras(keras_model):
       kind = type(layer).__name__
       pooling = {"GlobalAveragePooling2D": "avg", "GlobalMaxPooling2D": "max"}.get(kind)
     kwargs = {"top": "none", "num_classes": 0, "pooling": pooling}
-  module = (VGG16 if family == "vgg16" else ResNet50)(input_size=int(size), **kwargs)
-  variables = (_vgg_variables if family == "vgg16" else _resnet50_variables)(layers)
+  if family == "mobilenet_v2":
+    kwargs["alpha"] = _mobilenet_v2_alpha(layers)
+  cls, convert = {"vgg16": (VGG16, _vgg_variables), "resnet50": (ResNet50, _resnet50_variables),
+                  "mobilenet_v2": (mnv2.MobileNetV2, _mobilenet_v2_variables)}[family]
+  module = cls(input_size=int(size), **kwargs)
+  variables = convert(layers)
   _check_against(module, variables, int(size))
   return module, jax.tree.map(np.asarray, variables)
 
