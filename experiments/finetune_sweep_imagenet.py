@@ -10,7 +10,8 @@ Needs the weights and the data once (see README, "ImageNet backbones and real da
   tfds build oxford_flowers102 --data_dir=$TLRESEARCH_DATA_DIR
 
 Other backbones and data by config only: --config.model.family=resnet50,
---config.targets="['tfds:cifar10']" or "['folder:/path/to/images']" (train/<class>/*.jpg).
+--config.model.family=mobilenet_v2, --config.targets="['tfds:cifar10']" or
+"['folder:/path/to/images']" (train/<class>/*.jpg).
 
 CPU smoke run (32 px, 1 example per class, 1 epoch, 2 strategies, 1 seed, evaluation on
 fixed subsets of 100 validation and 200 test images):
@@ -26,12 +27,13 @@ from experiments.finetune_sweep import STRATEGIES
 
 def model() -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
-  m.family = "vgg16"           # vgg16 | resnet50 (Keras applications, layer for layer)
+  m.family = "vgg16"           # vgg16 | resnet50 | mobilenet_v2 (Keras applications, layer for layer)
   m.pretrained = "keras:imagenet"  # keras:imagenet (Keras's loader and cache) | keras:PATH.h5
   m.top = "linear"             # linear: pooled features -> new Dense; keras: Keras's fc1, fc2
   #                              (pretrained, group "fc") -> new predictions (needs 224 px)
   m.input_size = 224           # images are resized to this (ImageNet size; >= 32)
-  m.width = 64                 # channel width; 64 is the real network (needed for Keras weights)
+  m.width = 64                 # vgg16/resnet50 channel width; 64 is the real network (Keras weights)
+  m.alpha = 1.0                # mobilenet_v2 width multiplier (ImageNet weights: 0.35 .. 1.4)
   m.dropout_rate = 0.0         # dropout on the pooled features, before the classifier (linear top)
   return m
 

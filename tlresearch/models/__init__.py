@@ -22,6 +22,9 @@ FAMILIES = {"resnet": ResNet, "vgg16": VGG16, "resnet50": ResNet50, "mobilenet_v
 KERAS_FAMILIES = {"vgg16": vgg_lib, "resnet50": resnet50_lib, "mobilenet_v2": mobilenet_v2_lib}
 TRAINABLE_TOPS = ("keras", "linear")  # "none" has no head for a strategy to train
 MIN_INPUT_SIZE = 32  # Keras's minimum for its applications (five stride-2 reductions)
+# Width fields of one Keras family that another lacks; at these (the real networks') values
+# they are ignored, so one config can switch model.family without removing keys.
+WIDTH_DEFAULTS = {"width": 64, "alpha": 1.0}
 
 
 def _kwargs(model_cfg) -> dict:
@@ -40,6 +43,10 @@ def build(model_cfg, num_classes: int):
     size = kwargs.pop("input_size", None)
     if size is not None and int(size) < 1:
       raise UserError(f"model.input_size must be >= 1, got {size}")
+  if family in KERAS_FAMILIES:
+    for key, default in WIDTH_DEFAULTS.items():
+      if key not in fields and kwargs.get(key, default) == default:
+        kwargs.pop(key, None)
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise UserError(f"model.{unknown[0]} is not a field of model.family '{family}'; valid: "

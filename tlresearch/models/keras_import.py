@@ -120,8 +120,8 @@ def keras_application(family: str, include_top: bool, weights, input_size: int,
                       classes: int = 1000, alpha: float = 1.0):
   """The Keras application (built with Keras's own loader for `weights`)."""
   keras = _import_keras()
-  kwargs = dict(include_top=include_top, weights=weights, classes=classes,
-                input_shape=(input_size, input_size, 3))
+  kwargs = {"include_top": include_top, "weights": weights, "classes": classes,
+            "input_shape": (input_size, input_size, 3)}
   if family == "mobilenet_v2":
     return keras.applications.MobileNetV2(alpha=alpha, **kwargs)
   return {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}[family](

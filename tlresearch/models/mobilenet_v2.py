@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from tlresearch.models.heads import Head, pool
 
