@@ -33,14 +33,15 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   pretrained = {}
 
   def backbone(cfg):
-    key = models.pretrained_key(cfg.model)  # external weights (e.g. keras:imagenet), or None
-    if key is None:
-      pcfg = pretrain.for_model(cfg.pretrain, cfg.model)
-      key = pretrain.cache_key(pcfg)
+    external = models.pretrained_key(cfg.model)  # e.g. keras:imagenet weights, or None
+    if external is not None:
+      if external not in pretrained:
+        pretrained[external] = models.load_pretrained(cfg.model, log=tqdm.write)
+      return pretrained[external]
+    pcfg = pretrain.for_model(cfg.pretrain, cfg.model)
+    key = pretrain.cache_key(pcfg)
     if key not in pretrained:
-      pretrained[key] = (
-          models.load_pretrained(cfg.model, log=tqdm.write) if models.pretrained_key(cfg.model)
-          else pretrain.get_or_build(pcfg, cfg.cache_dir or None, log=tqdm.write)[0])
+      pretrained[key] = pretrain.get_or_build(pcfg, cfg.cache_dir or None, log=tqdm.write)[0]
     return pretrained[key]
 
   labels = dict(config.report.axis_labels)

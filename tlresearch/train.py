@@ -218,7 +218,6 @@ def _forward_chunks(spec: EvalSpec, variables, x):
   pad = (-n) % chunk
   xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
   xs = xs.reshape((-1, chunk) + x.shape[1:])
-
   groups = spec.model.groups
   start, stop = spec.start or groups[0], spec.stop or groups[-1]
 
