@@ -161,7 +161,7 @@ def test_unknown_dataset_lists_choices(tmp_path):
     load("cifar10", data_dir=str(tmp_path))
   assert str(err.value) == (
       "unknown dataset 'cifar10'; valid: digits, glyphs_feature_shift, glyphs_input_shift, "
-      "glyphs_new_classes, glyphs_output_shift, glyphs_source")
+      "glyphs_new_classes, glyphs_output_shift, glyphs_source, tfds:NAME, folder:PATH")
   assert not any(tmp_path.iterdir())
 
 

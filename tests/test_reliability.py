@@ -244,8 +244,8 @@ def test_second_sweep_on_a_workdir_in_use_exits_at_once(tmp_path):
   lock = io.directory_lock(str(tmp_path / "work-busy"))
   assert lock.acquire()
   try:
-    r = subprocess.run([sys.executable, "-m", "tlresearch.run", *_args(tmp_path, "busy")],
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, _runner(tmp_path), *_args(tmp_path, "busy")],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
   finally:
     lock.release()
   assert r.returncode == 2

@@ -25,8 +25,8 @@ def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, l
   compile0 = train.COMPILE_SECONDS[0]
   io.write_json(os.path.join(cell_dir, "config.json"), {"cell_id": cell_id, "axes": axes,
                                                         "config": cfg.to_dict()})
-  ds = data_lib.load(cfg.target, data_dir=cfg.data_dir or None, k_shot=cfg.k_shot or None,
-                     seed=cfg.seed)
+  ds = data_lib.load_for(cfg)
+  data_report = data_lib.report(ds, log)  # skipped files, carved splits
   model = models.build(cfg.model, ds.num_classes)
   strategy = strategies.get(cfg.strategy, model.groups)
   keys = train.CellKeys.from_seed(cfg.seed)
@@ -55,7 +55,7 @@ def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, l
       "trainable_params": trainable_params(variables, strategy),
       "total_params": optim.count(variables["params"]),
       "train_examples": int(len(ds.train_x)), "cached_prefix": result["cached_prefix"],
-      "notes": result["notes"],
+      "notes": result["notes"], **data_report,
       "compile_seconds": train.COMPILE_SECONDS[0] - compile0,
       "wall_seconds": time.perf_counter() - t0,
   }

@@ -103,11 +103,11 @@ def _set(cfg, dotted: str, value):
 def check(cfg) -> None:
   """Raises UserError for any invalid value in a cell's config, before anything trains."""
   t = cfg.train
-  if cfg.target not in data_lib.DATASETS:
-    raise UserError(f"unknown target '{cfg.target}'; valid: {choices(data_lib.DATASETS)}")
+  data_lib.check_name(cfg.target)
   models.build(cfg.model, 2)  # family and architecture fields
   groups = models.groups_of(cfg.model)
-  strategies.get(cfg.strategy, groups)
+  if strategies.get(cfg.strategy, groups).pretrained:
+    models.check_pretrained(cfg.model)  # e.g. missing ImageNet weights: fail now, not later
   rules = [
       (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
       (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
@@ -132,13 +132,18 @@ def check(cfg) -> None:
 
 
 def check_all(cells) -> None:
-  """Every cell's values, and every (target, k_shot, seed) subset actually loadable."""
+  """Every cell's values, and every (target, k_shot, seed, size) subset actually loadable."""
   for cell in cells:
     check(cell.config)
-  for target, data_dir, k, seed in sorted({(c.config.target, c.config.data_dir,
-                                            c.config.k_shot or 0, c.config.seed)
-                                           for c in cells}, key=str):
-    data_lib.load(target, data_dir=data_dir or None, k_shot=k or None, seed=seed)
+  loaded = set()
+  for c in cells:
+    cfg = c.config
+    key = json.dumps([cfg.target, cfg.data_dir, cfg.k_shot or 0, cfg.seed,
+                      cfg.model.get("input_size"), (cfg.get("data") or {})], sort_keys=True,
+                     default=lambda d: d.to_dict())
+    if key not in loaded:
+      loaded.add(key)
+      data_lib.load_for(cfg)
 
 
 # Config keys that change how a cell runs, never what it computes: a cell finished or

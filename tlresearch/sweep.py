@@ -52,6 +52,11 @@ def _run_grid(config, cells, name, workdir, results_dir, overwrite, progress, t0
   pretrained = {}
 
   def backbone(cfg):
+    external = models.pretrained_key(cfg.model)  # e.g. keras:imagenet weights, or None
+    if external is not None:
+      if external not in pretrained:
+        pretrained[external] = models.load_pretrained(cfg.model, log=tqdm.write)
+      return pretrained[external]
     pcfg = pretrain.for_model(cfg.pretrain, cfg.model)
     key = pretrain.cache_key(pcfg)
     if key not in pretrained:

@@ -25,15 +25,16 @@ import optax
 
 from tlresearch import optim
 from tlresearch.checkpoint import CheckpointError
+from tlresearch.data import preprocess as preprocessing
 from tlresearch.data.augment import AugmentSpec, augment
 from tlresearch.strategies import FROZEN, frozen_groups, resolve
 
-# Images are stored as uint8 and normalised on device.
-MEAN, STD = 0.5, 0.25
+# Images are stored as uint8 and normalised on device, as the model declares.
+MEAN, STD = preprocessing.STANDARD_MEAN, preprocessing.STANDARD_STD
 
 
-def preprocess(x):
-  return (x.astype(jnp.float32) / 255.0 - MEAN) / STD
+def preprocess(x, model=None):
+  return preprocessing.apply(preprocessing.style_of(model), x)
 
 
 @struct.dataclass
@@ -142,8 +143,8 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, keys):
   """One optimizer step on batch (x, y); keys = (dropout, augment) base keys."""
   rule_by_path = spec.rule_by_path(state.params)
   trainable, frozen = split_params(state.params, rule_by_path)
-  if spec.start == "stem":
-    x = preprocess(x)
+  if spec.start == spec.model.groups[0]:
+    x = preprocess(x, spec.model)
     if spec.augment is not None:
       x = augment(jax.random.fold_in(keys[1], state.step), x, spec.augment)
   dropout_key = jax.random.fold_in(keys[0], state.step)
@@ -208,29 +209,32 @@ EVAL_CHUNK = 256
 @dataclasses.dataclass(frozen=True)
 class EvalSpec:
   model: Any
-  start: str = "stem"
-  stop: str = "head"
+  start: str | None = None  # None: the model's first group
+  stop: str | None = None   # None: its last
 
 
 def _forward_chunks(spec: EvalSpec, variables, x):
   """Inference-mode output of groups start..stop for all of x, in fixed-size chunks."""
   n = x.shape[0]
-  pad = (-n) % EVAL_CHUNK
+  chunk = max(1, min(EVAL_CHUNK, n))  # a small split is not padded up to a whole chunk
+  pad = (-n) % chunk
   xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-  xs = xs.reshape((-1, EVAL_CHUNK) + x.shape[1:])
+  xs = xs.reshape((-1, chunk) + x.shape[1:])
+  groups = spec.model.groups
+  start, stop = spec.start or groups[0], spec.stop or groups[-1]
 
   def one(xb):
-    if spec.start == "stem":
-      xb = preprocess(xb)
-    return spec.model.apply(variables, xb, train=False, start=spec.start, stop=spec.stop)
+    if start == groups[0]:
+      xb = preprocess(xb, spec.model)
+    return spec.model.apply(variables, xb, train=False, start=start, stop=stop)
 
   out = jax.lax.map(one, xs)
   return out.reshape((-1,) + out.shape[2:])[:n]
 
 
 def prefix_outputs(model, variables, x, stop: str):
-  """Output of the frozen groups stem..stop (inference mode): the cached training input."""
-  spec = EvalSpec(model, "stem", stop)
+  """Output of the frozen groups first..stop (inference mode): the cached training input."""
+  spec = EvalSpec(model, None, stop)
   return _compiled(_forward_chunks, spec, variables, x)(variables, x)
 
 
@@ -241,7 +245,7 @@ def _evaluate(spec: EvalSpec, variables, x, y):
   return {"loss": loss, "accuracy": jnp.mean(pred == y)}, pred
 
 
-def evaluate(model, variables, x, y, start: str = "stem"):
+def evaluate(model, variables, x, y, start: str | None = None):
   """({'loss', 'accuracy'}, predictions) of the whole model on (x, y)."""
   spec = EvalSpec(model, start)
   metrics, pred = _compiled(_evaluate, spec, variables, x, y)(variables, x, y)
@@ -333,13 +337,13 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
     use_cache = first > 0 and aug is None and cfg.cache_frozen_prefix
     if first > 0 and aug is not None:
       notes.append(f"frozen prefix ({', '.join(groups[:first])}) not cached: augmentation is on")
-    start = groups[first] if use_cache else "stem"
+    start = groups[first] if use_cache else groups[0]
     spec = StepSpec(
         model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer, peak_lr=float(cfg.lr),
         total_steps=stage_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
         weight_decay=float(cfg.weight_decay), momentum=float(cfg.momentum), start=start,
         frozen_bn=frozen_groups(rule_by_path, groups),
-        augment=aug if start == "stem" else None, batch_size=batch_size, steps_per_epoch=steps)
+        augment=aug if start == groups[0] else None, batch_size=batch_size, steps_per_epoch=steps)
     lr = spec.lr_schedule()
     state = init_state(spec, variables)
     best, wait, first_epoch, stopped = None, 0, 0, False

@@ -1,4 +1,13 @@
-"""The benchmark datasets: offline TFDS builders and a loader into numpy arrays."""
-from tlresearch.data.load import Dataset, DATASETS, load, default_data_dir
+"""The datasets: offline TFDS builders, TFDS catalog datasets, image folders; a loader into
+numpy arrays."""
+from tlresearch.data.load import (
+    DATASETS,
+    Dataset,
+    check_name,
+    default_data_dir,
+    load,
+    load_for,
+    report,
+)
 
-__all__ = ["Dataset", "DATASETS", "load", "default_data_dir"]
+__all__ = ["DATASETS", "Dataset", "check_name", "default_data_dir", "load", "load_for", "report"]

@@ -1,6 +1,12 @@
 """Named datasets as in-memory numpy arrays.
 
-`load(name)` builds the TFDS dataset into the data dir the first time (locally, from the
+A dataset name is one of DATASETS (the project's offline benchmark), `tfds:NAME` (any TFDS
+image-classification dataset, `tlresearch.data.tfds_catalog`) or `folder:PATH` (an image
+folder, `tlresearch.data.folder`). `image_size` resizes every split to the model's input
+size; `options` (the config's `data` block, `splits.DataOptions`) says how missing
+validation / test splits are carved and whether TFDS may download.
+
+For DATASETS, `load(name)` builds the TFDS dataset into the data dir the first time (locally, from the
 generators in `tlresearch.data.builders`; nothing is downloaded), then reads all three
 splits fully into memory. Decoded arrays are cached per (name, data dir) for the life of
 the process, so a sweep decodes each dataset once; they are read-only, so a caller cannot
@@ -29,6 +35,7 @@ import tensorflow_datasets as tfds
 
 # Importing the builder modules registers them with TFDS.
 from tlresearch.data.builders import digits, glyphs
+from tlresearch.data.splits import DataOptions
 from tlresearch.errors import UserError, choices
 
 
@@ -52,9 +59,10 @@ _DOWNLOAD_CONFIG = tfds.download.DownloadConfig(try_download_gcs=False)
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """Three splits of one classification task; images uint8 [N, 32, 32, 3], labels int32 [N].
+  """Three splits of one classification task; images uint8 [N, H, W, 3], labels int32 [N].
 
-  Arrays are read-only (copy before changing them in place)."""
+  Arrays are read-only (copy before changing them in place). `skipped`: files of a folder
+  dataset that were not readable images; `notes`: how splits were made (e.g. carved)."""
   name: str
   train_x: np.ndarray
   train_y: np.ndarray
@@ -64,6 +72,8 @@ class Dataset:
   test_y: np.ndarray
   num_classes: int
   class_names: tuple[str, ...]
+  skipped: tuple[str, ...] = ()
+  notes: tuple[str, ...] = ()
 
   def __repr__(self) -> str:
     return (f"Dataset({self.name!r}, train={len(self.train_y)}, val={len(self.val_y)}, "
@@ -162,15 +172,100 @@ def _k_shot(data: Dataset, k: int, seed: int) -> Dataset:
                              train_y=_read_only(data.train_y[keep]))
 
 
-def load(name: str, *, data_dir: str | None = None, k_shot: int | None = None,
-         seed: int = 0) -> Dataset:
-  """The dataset `name` (a key of DATASETS), built into `data_dir` if needed.
+PREFIXES = ("tfds:", "folder:")
 
+
+def check_name(name: str) -> None:
+  """UserError unless `name` is one of DATASETS, `tfds:NAME` or `folder:PATH`."""
+  if name in DATASETS or any(str(name).startswith(p) and len(name) > len(p) for p in PREFIXES):
+    return
+  raise UserError(f"unknown dataset {name!r}; valid: {choices(DATASETS)}, tfds:NAME, folder:PATH")
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+  import tensorflow as tf  # already imported by tensorflow_datasets to read the splits
+  out = [tf.cast(tf.clip_by_value(tf.round(tf.image.resize(images[i:i + 1024], (size, size),
+                                                           antialias=True)), 0, 255),
+                 tf.uint8).numpy() for i in range(0, len(images), 1024)]
+  return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
+
+
+def _load_resized(name: str, data_dir: str, size: int | None, opts: DataOptions) -> Dataset:
+  key = (name, data_dir, size, opts)
+  if name.startswith("folder:"):
+    from tlresearch.data import folder
+    key += folder.fingerprint(name[len("folder:"):])
+  mocked = _mocked(data_dir)
+  with _lock:
+    if not mocked and key in _cache:
+      return _cache[key]
+  if name in DATASETS:
+    data = _load_full(name, data_dir)
+    if size is not None and data.train_x.shape[1:3] != (size, size):
+      data = dataclasses.replace(data, **{k: _read_only(_resize(getattr(data, k), size))
+                                          for k in ("train_x", "val_x", "test_x")})
+  else:
+    if name.startswith("tfds:"):
+      from tlresearch.data import tfds_catalog
+      splits, notes, class_names = tfds_catalog.load(name[len("tfds:"):], data_dir, opts, size,
+                                                     mocked)
+      skipped = ()
+    else:
+      from tlresearch.data import folder
+      splits, notes, class_names, skipped = folder.load(name[len("folder:"):], opts, size)
+    arrays = [_read_only(np.ascontiguousarray(a)) for s in ("train", "validation", "test")
+              for a in splits[s]]
+    data = Dataset(name, *arrays, num_classes=len(class_names), class_names=class_names,
+                   skipped=tuple(skipped), notes=tuple(notes))
+  if not mocked:
+    with _lock:
+      _cache[key] = data
+  return data
+
+
+def _mocked(data_dir: str) -> bool:
+  """Whether tfds.testing.mock_data is active: it redirects every builder's data dir (then
+  data is random and must neither be built nor cached)."""
+  probe = digits.Digits(data_dir=data_dir)
+  return os.path.abspath(os.fspath(probe.data_dir_root)) != data_dir
+
+
+def load(name: str, *, data_dir: str | None = None, k_shot: int | None = None,
+         seed: int = 0, image_size: int | None = None, options=None) -> Dataset:
+  """The dataset `name` (one of DATASETS, `tfds:NAME` or `folder:PATH`).
+
+  The built-in datasets are built into `data_dir` if needed; `tfds:` datasets are read from
+  it. image_size: resize every split to image_size x image_size (None: keep the dataset's
+  size). options: the config's `data` block (see `splits.DataOptions`).
   k_shot: keep exactly k training examples per class, chosen by `seed` (same seed, same
   subset); validation and test are unchanged.
   """
-  if name not in DATASETS:
-    raise UserError(f"unknown dataset {name!r}; valid: {choices(DATASETS)}")
+  check_name(name)
+  opts = DataOptions.from_config(options)
   data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir or default_data_dir())))
-  data = _load_full(name, data_dir)
+  data = _load_resized(name, data_dir, int(image_size) if image_size else None, opts)
   return data if k_shot is None else _k_shot(data, k_shot, seed)
+
+
+def load_for(cfg) -> Dataset:
+  """The dataset of one grid cell's config: target, data dir, k-shot subset of its seed,
+  resized to its model's input size, read with its `data` options (if any)."""
+  size = cfg.model.get("input_size")
+  return load(cfg.target, data_dir=cfg.data_dir or None, k_shot=cfg.k_shot or None,
+              seed=cfg.seed, image_size=int(size) if size else None, options=cfg.get("data"))
+
+
+SKIPPED_SHOWN = 5  # how many skipped paths a log line and final.json name
+
+
+def report(data: Dataset, log=print) -> dict:
+  """Logs how the splits were made and which files were skipped; returns the same as
+  final.json fields (`skipped_files`: count and the first few paths; `data_notes`)."""
+  for note in data.notes:
+    log(note)
+  first = list(data.skipped[:SKIPPED_SHOWN])
+  if data.skipped:
+    log(f"{data.name}: skipped {len(data.skipped)} files that are not readable images: "
+        + ", ".join(first) + (", ..." if len(data.skipped) > len(first) else ""))
+  return {"skipped_files": {"count": len(data.skipped), "first": first},
+          "data_notes": list(data.notes)}

@@ -1,11 +1,34 @@
-"""Backbone families. Every model exposes `.groups`: its ordered top-level group names."""
+"""Backbone families. Every model exposes `.groups`: its ordered top-level group names.
+
+`model.family` picks the family; the other keys of the model config are the family's
+fields, plus `pretrained` (where the backbone's weights come from, see `pretrained_key`).
+"""
 from __future__ import annotations
 
-from tlresearch.errors import UserError, choices
-from tlresearch.models.merge import merge_pretrained
-from tlresearch.models.resnet import ResNet, group_names
+import dataclasses
 
-FAMILIES = {"resnet": ResNet}
+from tlresearch.errors import UserError, choices
+from tlresearch.models import mobilenet_v2 as mobilenet_v2_lib
+from tlresearch.models import resnet50 as resnet50_lib
+from tlresearch.models import vgg as vgg_lib
+from tlresearch.models.merge import merge_pretrained
+from tlresearch.models.mobilenet_v2 import MobileNetV2
+from tlresearch.models.resnet import ResNet, group_names
+from tlresearch.models.resnet50 import ResNet50
+from tlresearch.models.vgg import VGG16
+
+FAMILIES = {"resnet": ResNet, "vgg16": VGG16, "resnet50": ResNet50, "mobilenet_v2": MobileNetV2}
+# Families whose weights come from Keras applications (see models/keras_import.py).
+KERAS_FAMILIES = {"vgg16": vgg_lib, "resnet50": resnet50_lib, "mobilenet_v2": mobilenet_v2_lib}
+TRAINABLE_TOPS = ("keras", "linear")  # "none" has no head for a strategy to train
+MIN_INPUT_SIZE = 32  # Keras's minimum for its applications (five stride-2 reductions)
+# Width fields of one Keras family that another lacks; at these (the real networks') values
+# they are ignored, so one config can switch model.family without removing keys.
+WIDTH_DEFAULTS = {"width": 64, "alpha": 1.0}
+
+
+def _kwargs(model_cfg) -> dict:
+  return {k: v for k, v in model_cfg.items() if k not in ("family", "pretrained")}
 
 
 def build(model_cfg, num_classes: int):
@@ -13,11 +36,37 @@ def build(model_cfg, num_classes: int):
   family = model_cfg.family
   if family not in FAMILIES:
     raise UserError(f"unknown model.family '{family}'; valid: {choices(FAMILIES)}")
-  kwargs = {k: v for k, v in model_cfg.items() if k != "family"}
+  kwargs = _kwargs(model_cfg)
+  fields = {f.name for f in dataclasses.fields(FAMILIES[family])} - {"parent", "name"}
+  if "input_size" not in fields:
+    # Any size runs through the small ResNet; there the key only tells the data pipeline.
+    size = kwargs.pop("input_size", None)
+    if size is not None and int(size) < 1:
+      raise UserError(f"model.input_size must be >= 1, got {size}")
+  if family in KERAS_FAMILIES:
+    for key, default in WIDTH_DEFAULTS.items():
+      if key not in fields and kwargs.get(key, default) == default:
+        kwargs.pop(key, None)
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise UserError(f"model.{unknown[0]} is not a field of model.family '{family}'; valid: "
+                    f"{choices(fields - {'num_classes'})}, pretrained")
   if family == "resnet":
     for key in ("width", "blocks_per_stage", "num_stages", "stem_strides"):
       if int(kwargs[key]) < 1:
         raise UserError(f"model.{key} must be >= 1, got {kwargs[key]}")
+  else:
+    top = kwargs.get("top", "linear")
+    if top not in TRAINABLE_TOPS:
+      raise UserError(f"model.top must be one of {', '.join(TRAINABLE_TOPS)} for training, "
+                      f"got '{top}'")
+    if int(kwargs.get("input_size", 224)) < MIN_INPUT_SIZE:
+      raise UserError(f"model.input_size must be >= {MIN_INPUT_SIZE} for {family}, got "
+                      f"{kwargs['input_size']}")
+    if int(kwargs.get("width", 64)) < 1:
+      raise UserError(f"model.width must be >= 1, got {kwargs['width']}")
+    if float(kwargs.get("alpha", 1.0)) <= 0:
+      raise UserError(f"model.alpha must be > 0, got {kwargs['alpha']}")
   return FAMILIES[family](num_classes=num_classes, **kwargs)
 
 
@@ -25,7 +74,63 @@ def groups_of(model_cfg) -> tuple[str, ...]:
   """Ordered group names of the model `model_cfg` describes, without building it."""
   if model_cfg.family == "resnet":
     return group_names(model_cfg.num_stages)
+  if model_cfg.family in KERAS_FAMILIES:
+    return KERAS_FAMILIES[model_cfg.family].group_names(model_cfg.get("top", "linear"))
   raise UserError(f"unknown model.family '{model_cfg.family}'; valid: {choices(FAMILIES)}")
 
 
-__all__ = ["FAMILIES", "ResNet", "build", "groups_of", "merge_pretrained"]
+def input_size(model_cfg) -> int | None:
+  """The image size the data pipeline resizes to; None keeps the dataset's own size."""
+  size = model_cfg.get("input_size")
+  return int(size) if size else None
+
+
+def pretrained_key(model_cfg) -> str | None:
+  """A key naming the external weights `model_cfg` asks for, or None for the project's own
+  source pretraining (`model.pretrained` empty or absent; the small ResNet only).
+
+  `model.pretrained` is 'keras:imagenet' or 'keras:PATH' (see models/keras_import.py)."""
+  source = model_cfg.get("pretrained", "") or ""
+  family = model_cfg.family
+  if family in KERAS_FAMILIES:
+    if not source.startswith("keras:") or source == "keras:":
+      raise UserError(f"model.pretrained must be keras:imagenet or keras:PATH for {family}, "
+                      f"got '{source}'")
+    if family != "mobilenet_v2" and int(model_cfg.get("width", 64)) != 64:
+      raise UserError(f"model.width must be 64 to load Keras weights into {family}, got "
+                      f"{model_cfg.width}")
+    return (f"{family}/top={model_cfg.get('top', 'linear')}/size={input_size(model_cfg)}"
+            f"/alpha={model_cfg.get('alpha', 1.0)}/{source}")
+  if source:
+    raise UserError(f"model.pretrained='{source}' is not available for model.family "
+                    f"'{family}'; valid: '' (source pretraining); keras:... needs family "
+                    f"{' or '.join(KERAS_FAMILIES)}")
+  return None
+
+
+def check_pretrained(model_cfg) -> None:
+  """UserError now (not after other cells trained) if the external weights can't be had."""
+  if pretrained_key(model_cfg) is not None:
+    from tlresearch.models import keras_import
+    keras_import.check_source(model_cfg.family, model_cfg.get("top") == "keras",
+                              model_cfg.pretrained, input_size(model_cfg) or 224,
+                              float(model_cfg.get("alpha", 1.0)))
+
+
+def load_pretrained(model_cfg, log=print) -> dict:
+  """The external weights `model_cfg.pretrained` names, as variables of its family."""
+  from tlresearch.models import keras_import
+  return keras_import.load_source(model_cfg.family, model_cfg.get("top") == "keras",
+                                  model_cfg.pretrained, input_size(model_cfg) or 224,
+                                  float(model_cfg.get("alpha", 1.0)), log)
+
+
+def from_keras(keras_model):
+  """`(module, variables)` with `module.apply(variables, x) == keras_model(x)`; see
+  `tlresearch.models.keras_import.from_keras`."""
+  from tlresearch.models import keras_import
+  return keras_import.from_keras(keras_model)
+
+
+__all__ = ["FAMILIES", "VGG16", "MobileNetV2", "ResNet", "ResNet50", "build", "check_pretrained", "from_keras",
+           "groups_of", "input_size", "load_pretrained", "merge_pretrained", "pretrained_key"]

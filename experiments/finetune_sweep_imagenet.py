@@ -1,0 +1,75 @@
+"""The strategy grid on an ImageNet-pretrained Keras backbone (VGG16) and a real dataset.
+
+The same question as `finetune_sweep` (which transfer strategy wins, by how much), asked the
+classic way: Keras's `VGG16(weights='imagenet', include_top=False)` with a new head, on
+Oxford Flowers-102 (102 classes, 1,020 train / 1,020 validation / 6,149 test images, from
+TFDS). The defaults are a GPU run: 224 px inputs, every training image, 3 paired seeds.
+
+Needs the weights and the data once (see README, "ImageNet backbones and real data"):
+  ~/.keras/models/vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5  (Keras fetches it)
+  tfds build oxford_flowers102 --data_dir=$TLRESEARCH_DATA_DIR
+
+Other backbones and data by config only: --config.model.family=resnet50,
+--config.model.family=mobilenet_v2, --config.targets="['tfds:cifar10']" or
+"['folder:/path/to/images']" (train/<class>/*.jpg).
+
+CPU smoke run (32 px, 1 example per class, 1 epoch, 2 strategies, 1 seed, evaluation on
+fixed subsets of 100 validation and 200 test images):
+  --config.model.input_size=32 --config.k_shot=1 --config.train.epochs=1 --config.seeds=[0]
+  --config.data.val_examples=100 --config.data.test_examples=200
+  --config.grid="[{'strategy': ['linear_probe', 'full']}]"
+"""
+import ml_collections
+
+from experiments import _common
+from experiments.finetune_sweep import STRATEGIES
+
+
+def model() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.family = "vgg16"           # vgg16 | resnet50 | mobilenet_v2 (Keras applications, layer for layer)
+  m.pretrained = "keras:imagenet"  # keras:imagenet (Keras's loader and cache) | keras:PATH.h5
+  m.top = "linear"             # linear: pooled features -> new Dense; keras: Keras's fc1, fc2
+  #                              (pretrained, group "fc") -> new predictions (needs 224 px)
+  m.input_size = 224           # images are resized to this (ImageNet size; >= 32)
+  m.width = 64                 # vgg16/resnet50 channel width; 64 is the real network (Keras weights)
+  m.alpha = 1.0                # mobilenet_v2 width multiplier (ImageNet weights: 0.35 .. 1.4)
+  m.dropout_rate = 0.0         # dropout on the pooled features, before the classifier (linear top)
+  return m
+
+
+def data() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.download = False           # tfds: may this run download and prepare a missing dataset
+  d.val_fraction = 0.1         # carved from train (per class) when a dataset has no validation
+  d.test_fraction = 0.2        # carved from train the same way when it has no test split
+  d.split_seed = 0             # fixed carve: every seed and strategy sees the same val / test
+  d.vtab1k = False             # VTAB-1k: 800 train + 200 validation drawn from train
+  d.val_examples = 0           # >0: a fixed random subset of validation (CPU smoke runs)
+  d.test_examples = 0          # >0: the same for test; 0 = the whole split
+  return d
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.kind = "sweep"             # what tlresearch.run does with this config
+  c.targets = ["tfds:oxford_flowers102"]  # grid axis: tfds:NAME | folder:PATH | built-in names
+  c.seeds = [0, 1, 2]          # grid axis: paired seeds
+  c.target = "tfds:oxford_flowers102"  # set per cell from `targets`
+  c.seed = 0                   # set per cell from `seeds`
+  c.k_shot = 0                 # training examples per class (0 -> the whole train split)
+  c.strategy = "full"          # set per cell from the grid; see tlresearch.strategies
+  c.data_dir = ""              # "" -> $TLRESEARCH_DATA_DIR or ~/.cache/tlresearch/tensorflow_datasets
+  c.cache_dir = ""             # "" -> $TLRESEARCH_CACHE_DIR or ~/.cache/tlresearch (compile cache)
+  c.data = data()              # how tfds:/folder: datasets are read and split
+  c.model = model()            # the backbone and its weights
+  # VGG16 has no BatchNorm: a smaller rate than the small ResNet's, 32 images a step.
+  c.train = _common.train(epochs=20, batch_size=32, lr=0.01)
+  c.grid = [                   # blocks of axes, each crossed with targets x seeds
+      {"strategy": STRATEGIES},
+      {"strategy": ["linear_probe", "full"], "model.dropout_rate": [0.5]},
+      {"strategy": ["linear_probe", "full"], "train.augment.enabled": [True]},
+  ]
+  c.report = _common.report()  # table labels
+  c.train.augment.horizontal_flip = True  # flowers (unlike glyphs) are mirror-symmetric
+  return c
