@@ -249,8 +249,10 @@ def test_second_sweep_on_a_workdir_in_use_exits_at_once(tmp_path):
   finally:
     lock.release()
   assert r.returncode == 2
-  assert "is in use by another sweep" in r.stderr and str(os.getpid()) in r.stderr
-  assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+  # (TFDS's mock data logs deprecation warnings first; the error is the one last line.)
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "is in use by another sweep" in last
+  assert str(os.getpid()) in last and "Traceback" not in r.stderr
   assert not (tmp_path / "results-busy").exists()
   # A lock whose holder died (here: released) does not block the next sweep.
   assert io.directory_lock(str(tmp_path / "work-busy")).acquire()
@@ -297,7 +299,7 @@ BAD_INPUTS = [
     (["--experiment=nope"], "unknown experiment 'nope'; valid: "),
     (["--config.trian.lr=1"], "unknown config key 'trian.lr'"),
     (["--config.grid=[{'strategy': ['nope']}]"], "unknown strategy 'nope'"),
-    (["--config.targets=['imagenet21k']"], "unknown target 'imagenet21k'; valid: "),
+    (["--config.targets=['imagenet21k']"], "unknown dataset 'imagenet21k'; valid: "),
     (["--config.model.family=vit"], "unknown model.family 'vit'; valid: "),
     (["--config.train.lr=0"], "train.lr must be > 0, got 0"),
     (["--config.train.lr=-0.1"], "train.lr must be > 0, got -0.1"),
@@ -315,8 +317,45 @@ BAD_INPUTS = [
 ]
 
 
+def _folder(root, layout: dict) -> str:
+  """An image folder: {"train/a": n valid PNGs, "train/b": "junk" (one unreadable file)...}."""
+  from PIL import Image
+  for sub, content in layout.items():
+    d = root / sub
+    d.mkdir(parents=True, exist_ok=True)
+    if content == "junk":
+      (d / "broken.png").write_bytes(b"this is not an image")
+    else:
+      for i in range(content):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(d / f"{i}.png")
+  return str(root)
+
+
+# (folder layout, expected message): a bad dataset folder is bad input too.
+BAD_FOLDERS = [
+    (None, "no train folder"),                                     # the folder does not exist
+    ({"validation/a": 2}, "no train folder"),
+    ({"train": 0}, "no class folders in"),
+    ({"train/a": 2, "train/b": 0}, "train/b is empty"),
+    ({"train/a": 2, "train/b": "junk"}, "train/b has no readable"),
+]
+
+
+@pytest.mark.parametrize("layout, message", BAD_FOLDERS, ids=[m for _, m in BAD_FOLDERS])
+def test_bad_dataset_folder_table(tmp_path, monkeypatch, capsys, layout, message):
+  root = tmp_path / "images"
+  if layout is not None:
+    _folder(root, layout)
+  _expect_bad_input(tmp_path, monkeypatch, capsys,
+                    [f"--config.targets=['folder:{root}']"], message)
+
+
 @pytest.mark.parametrize("extra, message", BAD_INPUTS, ids=[m for _, m in BAD_INPUTS])
 def test_bad_input_table(tmp_path, monkeypatch, capsys, extra, message):
+  _expect_bad_input(tmp_path, monkeypatch, capsys, extra, message)
+
+
+def _expect_bad_input(tmp_path, monkeypatch, capsys, extra, message):
   base = [a for a in _args(tmp_path, "bad") if not a.startswith("--experiment")]
   if extra[0].startswith("--experiment"):
     argv = [*extra, *base]
