@@ -26,6 +26,9 @@ def train(**overrides) -> ml_collections.ConfigDict:
   t.weight_decay = 5e-4        # on kernels of trainable groups only
   t.momentum = 0.9             # sgd only
   t.cache_frozen_prefix = True  # run a frozen prefix once per split instead of every step
+  t.min_steps = 0              # raise the epoch budget to at least this many optimizer steps
+  t.bn_stats = "update"        # update: BatchNorm of trainable groups uses batch statistics and
+  #                              updates them; frozen: every BatchNorm in inference mode
   t.augment = ml_collections.ConfigDict()
   t.augment.enabled = False    # classic augmentation on device (rotation, shifts, shear, zoom)
   t.augment.rotation = 15.0    # max degrees
@@ -47,6 +50,7 @@ def train(**overrides) -> ml_collections.ConfigDict:
 def pretrain() -> ml_collections.ConfigDict:
   p = ml_collections.ConfigDict()
   p.dataset = "glyphs_source"  # source task (tlresearch.data.DATASETS)
+  p.class_subset = ""          # "" all classes; "A" / "B": one half of a fixed random split
   p.data_dir = ""              # "" -> $TLRESEARCH_DATA_DIR or ~/.cache/tlresearch/tensorflow_datasets
   p.seed = 0                   # one pretrained backbone serves every fine-tuning seed
   p.model = model()            # its architecture fields are taken from the fine-tuned model

@@ -9,7 +9,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from tlresearch import data as data_lib
-from tlresearch import io, models, optim, strategies, train
+from tlresearch import io, models, optim, probes, strategies, train
 from tlresearch.strategies import resolve
 from flax import traverse_util
 
@@ -20,6 +20,14 @@ def trainable_params(variables, strategy) -> int:
   return max(optim.count(variables["params"], resolve(s.rules, paths)) for s in strategy.stages)
 
 
+def not_loaded(cfg, strategy, groups) -> tuple[str, ...]:
+  """Groups that keep their fresh init: the head (a new task's head is new, unless the cell
+  asks for the source head), and the groups above a strategy's `transfer_groups`."""
+  head = () if cfg.get("pretrained_head", False) else (groups[-1],)
+  above = () if strategy.transfer_groups is None else tuple(groups[strategy.transfer_groups:-1])
+  return above + head
+
+
 def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, log=print) -> dict:
   """Trains one cell and writes config.json, metrics.jsonl and final.json to `cell_dir`."""
   t0 = time.perf_counter()
@@ -27,14 +35,17 @@ def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, l
   io.write_json(os.path.join(cell_dir, "config.json"), {"cell_id": cell_id, "axes": axes,
                                                         "config": cfg.to_dict()})
   ds = data_lib.load(cfg.target, data_dir=cfg.data_dir or None, k_shot=cfg.k_shot or None,
-                     seed=cfg.seed)
+                     seed=cfg.seed, class_subset=cfg.get("class_subset", ""))
   model = models.build(cfg.model, ds.num_classes)
   strategy = strategies.get(cfg.strategy, model.groups)
   keys = train.CellKeys.from_seed(cfg.seed)
   # The same init key for every strategy: the head starts identical across a comparison.
   fresh = model.init(keys.init, jnp.zeros((1,) + ds.train_x.shape[1:], jnp.float32))
-  variables = models.merge_pretrained(fresh, pretrained) if strategy.pretrained else fresh
+  variables = (models.merge_pretrained(fresh, pretrained, not_loaded(cfg, strategy, model.groups))
+               if strategy.pretrained else fresh)
   result = train.fit(model, variables, strategy, ds, cfg.train, keys, log)
+  # The selection protocol (tlresearch.selection) reads only this validation score.
+  val, _ = train.evaluate(model, result["variables"], jnp.asarray(ds.val_x), jnp.asarray(ds.val_y))
   pred = result["test_predictions"]
   labels = list(range(ds.num_classes))
   diverged = any(not np.isfinite(h["train_loss"]) for h in result["history"])
@@ -51,7 +62,9 @@ def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, l
       "trainable_params": trainable_params(variables, strategy),
       "total_params": optim.count(variables["params"]),
       "train_examples": int(len(ds.train_x)), "cached_prefix": result["cached_prefix"],
-      "notes": result["notes"],
+      "notes": result["notes"], "val_accuracy": val["accuracy"],
+      "hparams": {"train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay},
+      **probes.measure(tuple(cfg.get("probes", ())), model, variables, result["variables"], ds),
       "compile_seconds": train.COMPILE_SECONDS[0] - compile0,
       "wall_seconds": time.perf_counter() - t0,
   }

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tlresearch import optim
+from tlresearch import optim, penalty
 from tlresearch.data.augment import AugmentSpec, augment
-from tlresearch.strategies import FROZEN, frozen_groups, resolve
+from tlresearch.strategies import FROZEN, frozen_groups, resolve, stage_epochs
 
 # Images are stored as uint8 and normalised on device.
 MEAN, STD = 0.5, 0.25
@@ -59,6 +59,7 @@ class StepSpec:
   augment: AugmentSpec | None
   batch_size: int
   steps_per_epoch: int
+  penalty: tuple = ()              # the stage's loss penalty (tlresearch.penalty), if any
 
   def lr_schedule(self):
     return optim.schedule(self.peak_lr, self.total_steps, self.warmup_steps)
@@ -137,8 +138,9 @@ def loss_and_logits(spec, params, batch_stats, x, y, train, dropout_key):
   return loss, (logits, new_stats)
 
 
-def _train_step(spec: StepSpec, state: TrainState, x, y, keys):
-  """One optimizer step on batch (x, y); keys = (dropout, augment) base keys."""
+def _train_step(spec: StepSpec, state: TrainState, x, y, keys, anchor):
+  """One optimizer step on batch (x, y); keys = (dropout, augment) base keys; `anchor`: the
+  penalty's reference weights ({} without a penalty)."""
   rule_by_path = spec.rule_by_path(state.params)
   trainable, frozen = split_params(state.params, rule_by_path)
   if spec.start == "stem":
@@ -148,8 +150,9 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, keys):
   dropout_key = jax.random.fold_in(keys[0], state.step)
 
   def loss_fn(trainable):
-    return loss_and_logits(spec, join_params(trainable, frozen), state.batch_stats, x, y,
-                           True, dropout_key)
+    loss, aux = loss_and_logits(spec, join_params(trainable, frozen), state.batch_stats, x, y,
+                                True, dropout_key)
+    return loss + penalty.value(spec.penalty, trainable, anchor, spec.model.groups[-1]), aux
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   # Frozen leaves get a zero placeholder gradient: set_to_zero() ignores it, and XLA never
@@ -165,9 +168,11 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, keys):
   return new_state, (loss, acc)
 
 
-def _train_step_at(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key, aug_key):
+def _train_step_at(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key, aug_key,
+                   anchor=None):
   """`_train_step` on the batch x[batch_idx]: the gather happens on device."""
-  return _train_step(spec, state, x[batch_idx], y[batch_idx], (dropout_key, aug_key))
+  return _train_step(spec, state, x[batch_idx], y[batch_idx], (dropout_key, aug_key),
+                     anchor or {})
 
 
 def _epoch_order(spec: StepSpec, n_key, order_key):
@@ -178,7 +183,7 @@ def _epoch_order(spec: StepSpec, n_key, order_key):
       spec.steps_per_epoch, spec.batch_size)
 
 
-def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key):
+def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key, anchor=None):
   """One pass over (x, y) in a seeded random order.
 
   A Python loop over one compiled step rather than a `lax.scan`: on XLA:CPU the scanned
@@ -188,10 +193,11 @@ def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key):
   per epoch (for the metrics).
   """
   order = _compiled(_epoch_order, spec, y, order_key)(y, order_key)
-  step = _compiled(_train_step_at, spec, state, x, y, order[0], dropout_key, aug_key)
+  anchor = anchor or {}
+  step = _compiled(_train_step_at, spec, state, x, y, order[0], dropout_key, aug_key, anchor)
   losses, accs = [], []
   for i in range(spec.steps_per_epoch):
-    state, (loss, acc) = step(state, x, y, order[i], dropout_key, aug_key)
+    state, (loss, acc) = step(state, x, y, order[i], dropout_key, aug_key, anchor)
     losses.append(loss)
     accs.append(acc)
   return state, {"train_loss": jnp.mean(jnp.stack(losses)),
@@ -286,15 +292,16 @@ def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print,
   es = cfg.early_stopping
   sign = 1.0 if es.monitor == "val_accuracy" else -1.0
   history, notes = [], []
-  epochs_left = int(cfg.epochs)
   best_epoch, cached = 0, False
   t_start = time.perf_counter()
-  for stage in strategy.stages:
-    stage_epochs = min(stage.epochs or epochs_left, epochs_left)
-    if stage_epochs <= 0:
-      break
-    epochs_left -= stage_epochs
-    rule_by_path = resolve(stage.rules, traverse_util.flatten_dict(variables["params"], sep="/"))
+  n_train = len(data.train_x)
+  budget = optim.epoch_budget(int(cfg.epochs), -(-n_train // min(int(cfg.batch_size), n_train)),
+                              int(cfg.get("min_steps", 0)))
+  for stage, n_epochs in zip(strategy.stages, stage_epochs(strategy.stages, budget)):
+    if n_epochs <= 0:
+      continue
+    flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
+    rule_by_path = resolve(stage.rules, flat_params)
     first = _first_trainable_group(rule_by_path, groups)
     if first > 0 and aug is None and cfg.cache_frozen_prefix:
       # The frozen prefix is deterministic (inference-mode BatchNorm, no dropout, no
@@ -312,21 +319,26 @@ def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print,
     n = train_in.shape[0]
     batch_size = min(int(cfg.batch_size), n)
     steps = -(-n // batch_size)
+    # "frozen": every BatchNorm in inference mode with its statistics kept, trainable or not.
+    frozen_bn = (tuple(groups) if cfg.get("bn_stats", "update") == "frozen"
+                 else frozen_groups(rule_by_path, groups))
     spec = StepSpec(
         model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer, peak_lr=float(cfg.lr),
-        total_steps=stage_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
-        weight_decay=float(cfg.weight_decay), momentum=float(cfg.momentum), start=start,
-        frozen_bn=frozen_groups(rule_by_path, groups),
-        augment=aug if start == "stem" else None, batch_size=batch_size, steps_per_epoch=steps)
+        total_steps=n_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
+        weight_decay=float(cfg.weight_decay) if stage.weight_decay else 0.0,
+        momentum=float(cfg.momentum), start=start, frozen_bn=frozen_bn,
+        augment=aug if start == "stem" else None, batch_size=batch_size, steps_per_epoch=steps,
+        penalty=tuple(stage.penalty))
+    anchor = penalty.anchor(stage, flat_params, rule_by_path)
     lr = spec.lr_schedule()
     state = init_state(spec, variables)
     best = None
     wait = 0
-    for stage_epoch in range(stage_epochs):
+    for stage_epoch in range(n_epochs):
       epoch = len(history)
       t0 = time.perf_counter()
       state, m = train_epoch(spec, state, train_in, ty, jax.random.fold_in(keys.order, epoch),
-                             keys.dropout, keys.augment)
+                             keys.dropout, keys.augment, anchor)
       val, _ = evaluate(model, _variables(state.params, state.batch_stats), val_in, vy, start)
       record = {"epoch": epoch + 1, "stage": stage.name,
                 "train_loss": float(m["train_loss"]), "train_accuracy": float(m["train_accuracy"]),

@@ -1,6 +1,13 @@
 """Backbone families. Every model exposes `.groups`: its ordered top-level group names."""
 from __future__ import annotations
 
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
 from tlresearch.errors import UserError, choices
 from tlresearch.models.merge import merge_pretrained
 from tlresearch.models.resnet import ResNet, group_names
@@ -28,4 +35,18 @@ def groups_of(model_cfg) -> tuple[str, ...]:
   raise UserError(f"unknown model.family '{model_cfg.family}'; valid: {choices(FAMILIES)}")
 
 
-__all__ = ["FAMILIES", "ResNet", "build", "groups_of", "merge_pretrained"]
+def param_paths(model_cfg) -> tuple[str, ...]:
+  """Every `/`-joined parameter path of the model (shapes only, nothing is computed), so
+  strategies can be checked against the real parameter names before any training."""
+  return _param_paths(json.dumps(model_cfg.to_dict(), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _param_paths(model_json: str) -> tuple[str, ...]:
+  import ml_collections
+  model = build(ml_collections.ConfigDict(json.loads(model_json)), 2)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  return tuple(traverse_util.flatten_dict(shapes["params"], sep="/"))
+
+
+__all__ = ["FAMILIES", "ResNet", "build", "groups_of", "merge_pretrained", "param_paths"]
