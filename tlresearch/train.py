@@ -9,7 +9,9 @@ Decisive properties (each has a test):
 - a frozen prefix of groups (`start` > stem) is not run in training at all: its output is
   computed once per split (`prefix_outputs`) and the remaining groups train on it;
 - compiled programs are cached by their static description and argument shapes, so cells
-  that differ only in seed or data values reuse them (compile once per shape).
+  that differ only in seed, data values, learning rate or weight decay reuse them (compile
+  once per shape): the peak lr and weight decay are inputs of the step (`StepInputs`), not
+  constants, so a learning-rate selection grid costs no extra compilation.
 """
 from __future__ import annotations
 
@@ -49,10 +51,8 @@ class StepSpec:
   model: Any                       # a hashable flax Module
   rules: tuple                     # ((pattern, rule), ...)
   optimizer: str
-  peak_lr: float
   total_steps: int
   warmup_steps: int
-  weight_decay: float
   momentum: float
   start: str                       # first group run in training (earlier ones are cached)
   frozen_bn: tuple[str, ...]       # groups whose BatchNorm is in inference mode
@@ -61,16 +61,26 @@ class StepSpec:
   steps_per_epoch: int
   penalty: tuple = ()              # the stage's loss penalty (tlresearch.penalty), if any
 
-  def lr_schedule(self):
-    return optim.schedule(self.peak_lr, self.total_steps, self.warmup_steps)
+  def lr_schedule(self, peak_lr):
+    # The shape is built for a peak of 1 and scaled: optax's schedule branches on its peak
+    # value in Python, and here the peak is a traced input.
+    shape = optim.schedule(1.0, self.total_steps, self.warmup_steps)
+    return lambda step: peak_lr * shape(step)
 
   def rule_by_path(self, params) -> dict:
     return resolve(self.rules, traverse_util.flatten_dict(params, sep="/").keys())
 
-  def tx(self, params):
+  def tx(self, params, inputs: dict):
     return optim.make(self.rule_by_path(params), params, optimizer=self.optimizer,
-                      lr=self.lr_schedule(), weight_decay=self.weight_decay,
+                      lr=self.lr_schedule(inputs["lr"]), weight_decay=inputs["weight_decay"],
                       momentum=self.momentum)[0]
+
+
+def step_inputs(peak_lr: float, weight_decay: float, anchor: dict | None = None) -> dict:
+  """The dynamic inputs of a train step: peak lr, weight decay, and the penalty's anchor
+  weights ({} without a penalty)."""
+  return {"lr": jnp.float32(peak_lr), "weight_decay": jnp.float32(weight_decay),
+          "anchor": anchor or {}}
 
 
 # ---------------------------------------------------------------- compile cache
@@ -114,13 +124,14 @@ def _keep_frozen_stats(new_stats, old_stats, frozen_bn):
 
 # ---------------------------------------------------------------- programs
 
-def _init_opt_state(spec: StepSpec, params):
-  return spec.tx(params).init(params)
+def _init_opt_state(spec: StepSpec, params, inputs):
+  return spec.tx(params, inputs).init(params)
 
 
-def init_state(spec: StepSpec, variables) -> TrainState:
+def init_state(spec: StepSpec, variables, inputs: dict | None = None) -> TrainState:
   params = variables["params"]
-  opt_state = _compiled(_init_opt_state, spec, params)(params)
+  inputs = inputs if inputs is not None else step_inputs(0.0, 0.0)
+  opt_state = _compiled(_init_opt_state, spec, params, inputs)(params, inputs)
   return TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
                     opt_state)
 
@@ -138,9 +149,9 @@ def loss_and_logits(spec, params, batch_stats, x, y, train, dropout_key):
   return loss, (logits, new_stats)
 
 
-def _train_step(spec: StepSpec, state: TrainState, x, y, keys, anchor):
-  """One optimizer step on batch (x, y); keys = (dropout, augment) base keys; `anchor`: the
-  penalty's reference weights ({} without a penalty)."""
+def _train_step(spec: StepSpec, state: TrainState, x, y, keys, inputs):
+  """One optimizer step on batch (x, y); keys = (dropout, augment) base keys; `inputs`:
+  `step_inputs` (lr, weight decay, the penalty's anchor)."""
   rule_by_path = spec.rule_by_path(state.params)
   trainable, frozen = split_params(state.params, rule_by_path)
   if spec.start == "stem":
@@ -152,13 +163,15 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, keys, anchor):
   def loss_fn(trainable):
     loss, aux = loss_and_logits(spec, join_params(trainable, frozen), state.batch_stats, x, y,
                                 True, dropout_key)
-    return loss + penalty.value(spec.penalty, trainable, anchor, spec.model.groups[-1]), aux
+    pen = penalty.value(spec.penalty, trainable, inputs["anchor"], spec.model.groups[-1])
+    return loss + pen, aux
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   # Frozen leaves get a zero placeholder gradient: set_to_zero() ignores it, and XLA never
   # computes it (it is a constant).
   full_grads = join_params(grads, jax.tree.map(jnp.zeros_like, frozen))
-  updates, opt_state = spec.tx(state.params).update(full_grads, state.opt_state, state.params)
+  updates, opt_state = spec.tx(state.params, inputs).update(full_grads, state.opt_state,
+                                                            state.params)
   flat_updates = traverse_util.flatten_dict(updates, sep="/")
   new_trainable = {p: v + flat_updates[p].astype(v.dtype) for p, v in trainable.items()}
   new_state = TrainState(state.step + 1, join_params(new_trainable, frozen),
@@ -169,10 +182,9 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, keys, anchor):
 
 
 def _train_step_at(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key, aug_key,
-                   anchor=None):
+                   inputs):
   """`_train_step` on the batch x[batch_idx]: the gather happens on device."""
-  return _train_step(spec, state, x[batch_idx], y[batch_idx], (dropout_key, aug_key),
-                     anchor or {})
+  return _train_step(spec, state, x[batch_idx], y[batch_idx], (dropout_key, aug_key), inputs)
 
 
 def _epoch_order(spec: StepSpec, n_key, order_key):
@@ -183,7 +195,7 @@ def _epoch_order(spec: StepSpec, n_key, order_key):
       spec.steps_per_epoch, spec.batch_size)
 
 
-def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key, anchor=None):
+def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key, inputs):
   """One pass over (x, y) in a seeded random order.
 
   A Python loop over one compiled step rather than a `lax.scan`: on XLA:CPU the scanned
@@ -193,11 +205,10 @@ def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key, an
   per epoch (for the metrics).
   """
   order = _compiled(_epoch_order, spec, y, order_key)(y, order_key)
-  anchor = anchor or {}
-  step = _compiled(_train_step_at, spec, state, x, y, order[0], dropout_key, aug_key, anchor)
+  step = _compiled(_train_step_at, spec, state, x, y, order[0], dropout_key, aug_key, inputs)
   losses, accs = [], []
   for i in range(spec.steps_per_epoch):
-    state, (loss, acc) = step(state, x, y, order[i], dropout_key, aug_key, anchor)
+    state, (loss, acc) = step(state, x, y, order[i], dropout_key, aug_key, inputs)
     losses.append(loss)
     accs.append(acc)
   return state, {"train_loss": jnp.mean(jnp.stack(losses)),
@@ -323,22 +334,22 @@ def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print,
     frozen_bn = (tuple(groups) if cfg.get("bn_stats", "update") == "frozen"
                  else frozen_groups(rule_by_path, groups))
     spec = StepSpec(
-        model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer, peak_lr=float(cfg.lr),
+        model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer,
         total_steps=n_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
-        weight_decay=float(cfg.weight_decay) if stage.weight_decay else 0.0,
         momentum=float(cfg.momentum), start=start, frozen_bn=frozen_bn,
         augment=aug if start == "stem" else None, batch_size=batch_size, steps_per_epoch=steps,
         penalty=tuple(stage.penalty))
-    anchor = penalty.anchor(stage, flat_params, rule_by_path)
-    lr = spec.lr_schedule()
-    state = init_state(spec, variables)
+    inputs = step_inputs(float(cfg.lr), float(cfg.weight_decay) if stage.weight_decay else 0.0,
+                         penalty.anchor(stage, flat_params, rule_by_path))
+    lr = spec.lr_schedule(float(cfg.lr))
+    state = init_state(spec, variables, inputs)
     best = None
     wait = 0
     for stage_epoch in range(n_epochs):
       epoch = len(history)
       t0 = time.perf_counter()
       state, m = train_epoch(spec, state, train_in, ty, jax.random.fold_in(keys.order, epoch),
-                             keys.dropout, keys.augment, anchor)
+                             keys.dropout, keys.augment, inputs)
       val, _ = evaluate(model, _variables(state.params, state.batch_stats), val_in, vy, start)
       record = {"epoch": epoch + 1, "stage": stage.name,
                 "train_loss": float(m["train_loss"]), "train_accuracy": float(m["train_accuracy"]),
