@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
   ]
   c.report.reference = "full"
   c.report.metrics = ["test_accuracy", "epochs_run"]
+  c.report.axis_labels = [("train.early_stopping.enabled", "early stopping"),
+                          ("train.early_stopping.patience", "patience")]
   return c
 
 

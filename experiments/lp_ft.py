@@ -13,16 +13,17 @@ handwritten digits). Protocol: lr and weight decay selected per strategy and tar
 import ml_collections
 
 from experiments import _common
-from tlresearch import findings
+from tlresearch import findings, report
 
 TARGETS = ("glyphs_feature_shift", "digits")
+STRATEGIES = ("linear_probe", "full", "lp_ft:probe=0.5")
 
 
 def get_config() -> ml_collections.ConfigDict:
   c = _common.sweep(targets=list(TARGETS), k_shot=20,
                     probes=["ood_corrupted", "feature_change"])
   c.selection.weight_decay = [0.0, 5e-4]
-  c.grid = [{"strategy": ["linear_probe", "full", "lp_ft:probe=0.5"]}]
+  c.grid = [{"strategy": list(STRATEGIES)}]
   c.report.reference = "full"
   c.report.axis_labels = []
   c.report.metrics = ["test_accuracy", "ood_test_accuracy", "feature_change"]
@@ -31,6 +32,15 @@ def get_config() -> ml_collections.ConfigDict:
 
 def _w(strategy, target):
   return {"strategy": strategy, "target": target}
+
+
+def _plot(r: findings.Results, out_dir: str) -> str:
+  series = [(f"{kind} ({t})", [(i, _w(s, t)) for i, s in enumerate(STRATEGIES)], metric)
+            for t in TARGETS
+            for kind, metric in (("ID", "test_accuracy"), ("OOD", "ood_test_accuracy"))]
+  return report.line_plot(r.finals, series, f"{out_dir}/id_vs_ood.png",
+                          "LP vs FT vs LP-FT: in-distribution and corrupted (OOD) test accuracy",
+                          xlabel="0: linear probe, 1: full fine-tuning, 2: LP-FT")
 
 
 def _each_target(fn):
@@ -64,4 +74,5 @@ FINDINGS = findings.Findings(
                 r, _w("full", t), _w("lp_ft:probe=0.5", t), f"FT feature change ({t})",
                 "LP-FT", "feature_change"))),
     ),
+    plots=(_plot,),
 )

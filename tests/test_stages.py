@@ -8,7 +8,7 @@ import pytest
 from flax import traverse_util
 
 from tlresearch import models, optim, penalty, strategies, train
-from tlresearch.strategies import Stage, Strategy
+from tlresearch.strategies import Strategy
 from tests.conftest import tiny_model_cfg, tiny_train_cfg
 
 QUIET = dict(log=lambda *_: None)

@@ -252,18 +252,19 @@ def plot(finals, axes, labels: dict, path: str, title: str) -> None:
 
 def line_plot(finals, series: list, path: str, title: str, metric: str = "test_accuracy",
               xlabel: str = "", log_x: bool = False) -> str:
-  """Mean ± 95% t CI of `metric` per point; `series` is [(label, [(x, axes filter), ...])],
-  each point the cells whose axes match its filter."""
+  """Mean ± 95% t CI of `metric` per point; `series` is [(label, [(x, axes filter), ...])]
+  or [(label, points, metric)], each point the cells whose axes match its filter."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   scale = _scale(metric)
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
-  for label, points in series:
+  for label, points, *own in series:
+    m_key = own[0] if own else metric
     xs, ms, hs = [], [], []
     for x, filt in points:
-      vals = [f.get(metric) for f in finals
-              if f.get("status", "ok") == "ok" and f.get(metric) is not None
+      vals = [f.get(m_key) for f in finals
+              if f.get("status", "ok") == "ok" and f.get(m_key) is not None
               and all(f["axes"].get(k) == v for k, v in filt.items())]
       if vals:
         m, h = stats.mean_ci(vals)
