@@ -40,7 +40,7 @@ def _plot(r: findings.Results, out_dir: str) -> str:
             for kind, metric in (("ID", "test_accuracy"), ("OOD", "ood_test_accuracy"))]
   return report.line_plot(r.finals, series, f"{out_dir}/id_vs_ood.png",
                           "LP vs FT vs LP-FT: in-distribution and corrupted (OOD) test accuracy",
-                          xlabel="0: linear probe, 1: full fine-tuning, 2: LP-FT")
+                          xlabel="strategy", xticklabels=list(STRATEGIES))
 
 
 def _each_target(fn):

@@ -55,7 +55,8 @@ def _plot(r: findings.Results, out_dir: str) -> str:
              for kind in TARGETS]
   return report.line_plot(r.finals, series, f"{out_dir}/accuracy_by_group.png",
                           "surgical fine-tuning: test accuracy when only one group learns",
-                          xlabel="tuned group: 0 stem, 1-3 stage1-3, 4 head (linear probe)")
+                          xlabel="the one group that learns",
+                          xticklabels=list(GROUPS) + ["head (linear_probe)"])
 
 
 FINDINGS = findings.Findings(

@@ -251,7 +251,7 @@ def plot(finals, axes, labels: dict, path: str, title: str) -> None:
 
 
 def line_plot(finals, series: list, path: str, title: str, metric: str = "test_accuracy",
-              xlabel: str = "", log_x: bool = False) -> str:
+              xlabel: str = "", log_x: bool = False, xticklabels=None) -> str:
   """Mean ± 95% t CI of `metric` per point; `series` is [(label, [(x, axes filter), ...])]
   or [(label, points, metric)], each point the cells whose axes match its filter."""
   import matplotlib
@@ -275,6 +275,9 @@ def line_plot(finals, series: list, path: str, title: str, metric: str = "test_a
       ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=label)
   if log_x:
     ax.set_xscale("log")
+  if xticklabels:  # categorical x: point i is labelled xticklabels[i]
+    ax.set_xticks(range(len(xticklabels)))
+    ax.set_xticklabels(xticklabels, fontsize=8)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(METRIC_NAMES.get(metric, metric) + (" (%)" if scale == 100.0 else ""))
   ax.set_title(title, fontsize=9)
