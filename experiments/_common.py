@@ -26,6 +26,9 @@ def train(**overrides) -> ml_collections.ConfigDict:
   t.weight_decay = 5e-4        # on kernels of trainable groups only
   t.momentum = 0.9             # sgd only
   t.cache_frozen_prefix = True  # run a frozen prefix once per split instead of every step
+  t.min_steps = 0              # raise the epoch budget to at least this many optimizer steps
+  t.bn_stats = "update"        # update: BatchNorm of trainable groups uses batch statistics and
+  #                              updates them; frozen: every BatchNorm in inference mode
   t.augment = ml_collections.ConfigDict()
   t.augment.enabled = False    # classic augmentation on device (rotation, shifts, shear, zoom)
   t.augment.rotation = 15.0    # max degrees
@@ -47,6 +50,7 @@ def train(**overrides) -> ml_collections.ConfigDict:
 def pretrain() -> ml_collections.ConfigDict:
   p = ml_collections.ConfigDict()
   p.dataset = "glyphs_source"  # source task (tlresearch.data.DATASETS)
+  p.class_subset = ""          # "" all classes; "A" / "B": one half of a fixed random split
   p.data_dir = ""              # "" -> $TLRESEARCH_DATA_DIR or ~/.cache/tlresearch/tensorflow_datasets
   p.seed = 0                   # one pretrained backbone serves every fine-tuning seed
   p.model = model()            # its architecture fields are taken from the fine-tuned model
@@ -68,3 +72,39 @@ def report() -> ml_collections.ConfigDict:
   r.axis_labels = [("model.dropout_rate", "dropout"), ("train.augment.enabled", "augmentation"),
                    ("train.early_stopping.enabled", "early stopping")]
   return r
+
+
+def selection(enabled: bool = True) -> ml_collections.ConfigDict:
+  s = ml_collections.ConfigDict()
+  s.enabled = enabled          # select lr and weight decay per configuration on validation
+  s.lr = [0.01, 0.03, 0.1]     # candidate peak learning rates
+  s.weight_decay = [5e-4]      # candidate weight decays
+  s.seeds = [100]              # selection seeds, apart from the final ones (no reuse of a
+  #                              final seed's data subset for the choice)
+  return s
+
+
+def sweep(**overrides) -> ml_collections.ConfigDict:
+  """The keys every sweep experiment has; an experiment sets its targets, grid and report."""
+  c = ml_collections.ConfigDict()
+  c.kind = "sweep"             # what tlresearch.run does with this config
+  c.targets = ["digits"]       # grid axis: target datasets (tlresearch.data.DATASETS)
+  c.seeds = [0, 1, 2, 3, 4]    # grid axis: paired seeds
+  c.target = "digits"          # set per cell from `targets`
+  c.seed = 0                   # set per cell from `seeds`
+  c.k_shot = 20                # training examples per class (0 -> the whole train split)
+  c.class_subset = ""          # "" all classes of the target; "A" / "B": one half of them
+  c.strategy = "full"          # set per cell from the grid; see tlresearch.strategies
+  c.pretrained_head = False    # load the source head too (target must have the source classes)
+  c.probes = []                # extra measurements (tlresearch.probes.PROBES)
+  c.data_dir = ""              # "" -> $TLRESEARCH_DATA_DIR or ~/.cache/tlresearch/tensorflow_datasets
+  c.cache_dir = ""             # "" -> $TLRESEARCH_CACHE_DIR or ~/.cache/tlresearch (checkpoints)
+  c.model = model()            # the fine-tuned network (architecture must match the pretrained one)
+  c.train = train()            # fine-tuning optimisation and regularisers
+  c.pretrain = pretrain()      # how the source backbone is made (cached by this config)
+  c.selection = selection()    # per-configuration lr / weight-decay selection on validation
+  c.grid = []                  # blocks of axes, each crossed with targets x seeds
+  c.report = report()          # table labels, reference row, metrics
+  c.report.metrics = ["test_accuracy", "test_macro_f1"]  # tables (tlresearch.report.METRIC_NAMES)
+  c.update(overrides)
+  return c

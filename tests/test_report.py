@@ -23,8 +23,11 @@ def test_table_has_mean_ci_and_paired_difference():
   md = report.table_markdown(_finals(), axes, {}, "t", reference=("full",))
   assert "| full | 81.0 ± 2.5 | 81.0 ± 2.5 | 100 / 100 |" in md
   assert "| linear_probe | 61.0 ± 2.5 | 61.0 ± 2.5 | 10 / 10 |" in md
-  # Same seed offsets in both rows: the paired difference is exact, with zero width.
-  assert "| linear_probe | -20.0 ± 0.0 | -20.0 ± 0.0 |" in md
+  # Same seed offsets in both rows: the paired difference is exact, with zero width, and
+  # the probe loses on every seed.
+  assert "| linear_probe | -20.0 [-20.0, -20.0] P=0.00 | -20.0 [-20.0, -20.0] P=0.00 |" in md
+  # Per-configuration statistics: n, mean, std, bootstrap CI (within the data's range), t CI.
+  assert "| full | a | 3 | 81.0 | 1.0 | [80.0, 82.0] | [78.5, 83.5] |" in md
 
 
 def test_failed_cells_are_marked_not_averaged():

@@ -75,15 +75,16 @@ def _epoch_flops(spec, start="stem"):
   rules = strategy.stages[0].rules
   rule_by_path = strategies.resolve(rules, _flat(variables["params"]).keys())
   step = train.StepSpec(
-      model=model, rules=rules, optimizer="sgd", peak_lr=0.1, total_steps=4, warmup_steps=0,
-      weight_decay=1e-4, momentum=0.9, start=start,
+      model=model, rules=rules, optimizer="sgd", total_steps=4, warmup_steps=0,
+      momentum=0.9, start=start,
       frozen_bn=strategies.frozen_groups(rule_by_path, model.groups), augment=None,
       batch_size=16, steps_per_epoch=1)
-  state = train.init_state(step, variables)
+  inputs = train.step_inputs(0.1, 1e-4)
+  state = train.init_state(step, variables, inputs)
   x, y = jnp.zeros((16, 16, 16, 3), jnp.uint8), jnp.zeros((16,), jnp.int32)
   k = jax.random.key(0)
   compiled = jax.jit(train._train_step_at, static_argnums=0).lower(
-      step, state, x, y, jnp.arange(16), k, k).compile()
+      step, state, x, y, jnp.arange(16), k, k, inputs).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return cost["flops"]
@@ -151,3 +152,18 @@ def test_divergence_stops_training_and_is_reported(dataset):
   assert not np.isfinite(out["history"][-1]["train_loss"])
   assert out["epochs_run"] < 5
   assert any("non-finite training loss" in n for n in out["notes"])
+
+
+def test_learning_rate_and_weight_decay_share_one_compiled_step(dataset):
+  model, variables, strategy = _setup("full")
+  train.clear_compile_cache()
+  out = {}
+  for lr, wd in ((0.05, 5e-4), (0.2, 0.0)):
+    cfg = tiny_train_cfg(epochs=1, lr=lr, weight_decay=wd)
+    out[lr] = train.fit(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0),
+                        log=lambda *_: None)
+  steps = [k for k in train._COMPILED if k[0] == "_train_step_at"]
+  assert len(steps) == 1
+  # ... and the values still matter.
+  assert out[0.05]["history"][0]["train_loss"] != out[0.2]["history"][0]["train_loss"]
+  assert out[0.2]["history"][0]["lr"] > out[0.05]["history"][0]["lr"]

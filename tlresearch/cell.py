@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from sklearn import metrics as skm
 
 from tlresearch import data as data_lib
-from tlresearch import checkpoint, grid, io, models, optim, strategies, train
+from tlresearch import checkpoint, grid, io, models, optim, probes, strategies, train
 from tlresearch.strategies import resolve
 from flax import traverse_util
 
@@ -17,6 +17,14 @@ def trainable_params(variables, strategy) -> int:
   """Largest number of trainable parameters over the strategy's stages."""
   paths = traverse_util.flatten_dict(variables["params"], sep="/").keys()
   return max(optim.count(variables["params"], resolve(s.rules, paths)) for s in strategy.stages)
+
+
+def not_loaded(cfg, strategy, groups) -> tuple[str, ...]:
+  """Groups that keep their fresh init: the head (a new task's head is new, unless the cell
+  asks for the source head), and the groups above a strategy's `transfer_groups`."""
+  head = () if cfg.get("pretrained_head", False) else (groups[-1],)
+  above = () if strategy.transfer_groups is None else tuple(groups[strategy.transfer_groups:-1])
+  return above + head
 
 
 def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, log=print) -> dict:
@@ -32,13 +40,16 @@ def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, l
   keys = train.CellKeys.from_seed(cfg.seed)
   # The same init key for every strategy: the head starts identical across a comparison.
   fresh = model.init(keys.init, jnp.zeros((1,) + ds.train_x.shape[1:], jnp.float32))
-  variables = models.merge_pretrained(fresh, pretrained) if strategy.pretrained else fresh
+  variables = (models.merge_pretrained(fresh, pretrained, not_loaded(cfg, strategy, model.groups))
+               if strategy.pretrained else fresh)
   policy = cfg.get("checkpoint") or checkpoint.defaults()
   ckpt = checkpoint.FitCheckpointer(
       os.path.join(cell_dir, "checkpoints"), grid.fingerprint(cfg),
       every_epochs=policy.every_epochs, min_seconds=policy.min_seconds, keep=policy.keep,
       log=log) if policy.enabled else None
   result = train.fit(model, variables, strategy, ds, cfg.train, keys, log, checkpointer=ckpt)
+  # The selection protocol (tlresearch.selection) reads only this validation score.
+  val, _ = train.evaluate(model, result["variables"], jnp.asarray(ds.val_x), jnp.asarray(ds.val_y))
   pred = result["test_predictions"]
   labels = list(range(ds.num_classes))
   final = {
@@ -55,7 +66,9 @@ def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, l
       "trainable_params": trainable_params(variables, strategy),
       "total_params": optim.count(variables["params"]),
       "train_examples": int(len(ds.train_x)), "cached_prefix": result["cached_prefix"],
-      "notes": result["notes"], **data_report,
+      "notes": result["notes"], **data_report, "val_accuracy": val["accuracy"],
+      "hparams": {"train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay},
+      **probes.measure(tuple(cfg.get("probes", ())), model, variables, result["variables"], ds),
       "compile_seconds": train.COMPILE_SECONDS[0] - compile0,
       "wall_seconds": time.perf_counter() - t0,
   }

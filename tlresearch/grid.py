@@ -17,7 +17,7 @@ import re
 import ml_collections
 
 from tlresearch import data as data_lib
-from tlresearch import models, optim, strategies
+from tlresearch import models, optim, probes, strategies
 from tlresearch.errors import UserError, choices
 
 
@@ -106,7 +106,21 @@ def check(cfg) -> None:
   data_lib.check_name(cfg.target)
   models.build(cfg.model, 2)  # family and architecture fields
   groups = models.groups_of(cfg.model)
-  if strategies.get(cfg.strategy, groups).pretrained:
+  strategy = strategies.get(cfg.strategy, groups)
+  paths = models.param_paths(cfg.model)
+  for stage in strategy.stages:
+    try:
+      strategies.resolve(stage.rules, paths)
+    except ValueError as e:
+      raise UserError(f"strategy '{cfg.strategy}': {e}") from None
+  pretrained_head = bool(cfg.get("pretrained_head", False))
+  if not strategies.trains(strategy, paths, groups[-1]) and not (pretrained_head
+                                                                 and strategy.pretrained):
+    raise UserError(f"strategy '{cfg.strategy}' never trains the head, so the head must come "
+                    "from pretraining: set pretrained_head=True (the target must have the "
+                    "source task's classes)")
+  probes.check(tuple(cfg.get("probes", ())))
+  if strategy.pretrained:
     models.check_pretrained(cfg.model)  # e.g. missing ImageNet weights: fail now, not later
   rules = [
       (t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}"),
@@ -121,6 +135,9 @@ def check(cfg) -> None:
       (t.early_stopping.monitor in ("val_accuracy", "val_loss"),
        f"train.early_stopping.monitor must be one of val_accuracy, val_loss, "
        f"got '{t.early_stopping.monitor}'"),
+      (t.get("bn_stats", "update") in ("update", "frozen"),
+       f"train.bn_stats must be one of frozen, update, got '{t.get('bn_stats')}'"),
+      (t.get("min_steps", 0) >= 0, f"train.min_steps must be >= 0, got {t.get('min_steps')}"),
       (t.optimizer in optim.OPTIMIZERS,
        f"unknown train.optimizer '{t.optimizer}'; valid: {choices(optim.OPTIMIZERS)}"),
       (cfg.k_shot is None or cfg.k_shot >= 0,
@@ -132,18 +149,30 @@ def check(cfg) -> None:
 
 
 def check_all(cells) -> None:
-  """Every cell's values, and every (target, k_shot, seed, size) subset actually loadable."""
+  """Every cell's values, every (target, classes, k_shot, seed, size) subset actually
+  loadable, and a pretrained head only where the target has the source task's classes."""
   for cell in cells:
     check(cell.config)
   loaded = set()
   for c in cells:
     cfg = c.config
-    key = json.dumps([cfg.target, cfg.data_dir, cfg.k_shot or 0, cfg.seed,
+    key = json.dumps([cfg.target, cfg.data_dir, cfg.get("class_subset", ""), cfg.k_shot or 0,
+                      cfg.seed,
                       cfg.model.get("input_size"), (cfg.get("data") or {})], sort_keys=True,
                      default=lambda d: d.to_dict())
     if key not in loaded:
       loaded.add(key)
       data_lib.load_for(cfg)
+  for c in cells:
+    if c.config.get("pretrained_head", False):
+      p = c.config.pretrain
+      source = data_lib.load(p.dataset, data_dir=p.data_dir or None,
+                             class_subset=p.get("class_subset", ""))
+      target = data_lib.load(c.config.target, data_dir=c.config.data_dir or None,
+                             class_subset=c.config.get("class_subset", ""))
+      if source.num_classes != target.num_classes:
+        raise UserError(f"pretrained_head=True needs the source's {source.num_classes} classes, "
+                        f"but {c.config.target} has {target.num_classes}")
 
 
 # Config keys that change how a cell runs, never what it computes: a cell finished or

@@ -24,6 +24,13 @@ def schedule(peak_lr: float, total_steps: int, warmup_steps: int) -> optax.Sched
   return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, total_steps, 0.0)
 
 
+def epoch_budget(epochs: int, steps_per_epoch: int, min_steps: int = 0) -> int:
+  """`epochs`, raised so that training takes at least `min_steps` optimizer steps: a tiny
+  k-shot training set (k=1: one batch per epoch) otherwise gets too few updates to fit even
+  a head (BiT's hyper-rule also sizes the schedule in steps, Kolesnikov et al. 2020)."""
+  return max(int(epochs), -(-int(min_steps) // max(int(steps_per_epoch), 1)))
+
+
 def label_of(rule) -> str:
   return FROZEN if rule == FROZEN else f"lr_x{float(rule):g}"
 

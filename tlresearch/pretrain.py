@@ -27,6 +27,10 @@ FORMAT_VERSION = 1
 ARCH_FIELDS = ("family", "width", "blocks_per_stage", "num_stages", "stem_strides")
 
 
+# Config options added after the first checkpoints were made, with their defaults.
+LATER_OPTIONS = {"class_subset": "", "train.min_steps": 0, "train.bn_stats": "update"}
+
+
 def default_cache_dir() -> str:
   return os.environ.get("TLRESEARCH_CACHE_DIR",
                         os.path.join(os.path.expanduser("~"), ".cache", "tlresearch"))
@@ -41,7 +45,17 @@ def for_model(pretrain_cfg, model_cfg) -> ml_collections.ConfigDict:
 
 
 def cache_key(pcfg) -> str:
-  blob = json.dumps({"format": FORMAT_VERSION, "config": pcfg.to_dict()}, sort_keys=True)
+  config = pcfg.to_dict()
+  # Options at their default are left out, so checkpoints made before an option existed
+  # keep their key; any other value (e.g. a class subset) is part of it.
+  for dotted, default in LATER_OPTIONS.items():
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+      node = node.get(p, {})
+    if leaf in node and node[leaf] == default:
+      del node[leaf]
+  blob = json.dumps({"format": FORMAT_VERSION, "config": config}, sort_keys=True)
   return f"{pcfg.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -52,7 +66,8 @@ def checkpoint_dir(pcfg, cache_dir: str | None = None) -> str:
 def train_source(pcfg, log=print, checkpointer=None) -> tuple[dict, dict]:
   """Trains the backbone on the source task from scratch; returns (variables, summary)."""
   t0 = time.perf_counter()
-  ds = data_lib.load(pcfg.dataset, data_dir=pcfg.data_dir or None, seed=pcfg.seed)
+  ds = data_lib.load(pcfg.dataset, data_dir=pcfg.data_dir or None, seed=pcfg.seed,
+                     class_subset=pcfg.get("class_subset", ""))
   model = models.build(pcfg.model, ds.num_classes)
   keys = train.CellKeys.from_seed(pcfg.seed)
   variables = model.init(keys.init, jnp.zeros((1,) + ds.train_x.shape[1:], jnp.float32))
@@ -63,7 +78,8 @@ def train_source(pcfg, log=print, checkpointer=None) -> tuple[dict, dict]:
       f", val acc {100 * r['val_accuracy']:.1f}% ({r['seconds']:.1f}s)")
   result = train.fit(model, variables, strategies.full(model.groups), ds, pcfg.train, keys, log,
                      on_epoch=epoch_line, checkpointer=checkpointer)
-  summary = {"dataset": pcfg.dataset, "test_accuracy": result["test"]["accuracy"],
+  summary = {"dataset": pcfg.dataset, "class_subset": pcfg.get("class_subset", ""),
+             "test_accuracy": result["test"]["accuracy"],
              "test_macro_f1": float(skm.f1_score(ds.test_y, result["test_predictions"],
                                                  average="macro")),
              "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],

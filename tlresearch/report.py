@@ -16,11 +16,25 @@ import tempfile
 from tlresearch import io, stats
 
 METRICS = (("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1"))
+# Metrics an experiment may add to its tables (config.report.metrics), with their names.
+METRIC_NAMES = {"test_accuracy": "test accuracy", "test_macro_f1": "test macro-F1",
+                "ood_test_accuracy": "OOD (corrupted test) accuracy",
+                "feature_change": "feature change (relative L2)", "epochs_run": "epochs run",
+                "val_accuracy": "validation accuracy"}
+# Shown as they are, not in percent.
+RAW_METRICS = ("feature_change", "epochs_run")
 # runs.csv holds only what the seeds determine, so a rerun (or a killed and resumed run)
 # reproduces it byte for byte; wall-clock numbers go to timing.csv.
-RUN_COLUMNS = ("status", "test_accuracy", "test_macro_f1", "best_epoch", "epochs_run",
+RUN_COLUMNS = ("status", "test_accuracy", "test_macro_f1", "val_accuracy", "ood_test_accuracy",
+               "feature_change", "lr", "weight_decay", "best_epoch", "epochs_run",
                "trainable_params")
 TIMING_COLUMNS = ("wall_seconds", "compile_seconds")
+
+
+def _run_value(f: dict, column: str):
+  if column in ("lr", "weight_decay"):
+    return f.get("hparams", {}).get(f"train.{column}")
+  return f.get(column)
 
 
 def _fmt_value(v) -> str:
@@ -37,7 +51,7 @@ def runs_csv(finals: list[dict], axes: list[str], columns=RUN_COLUMNS) -> str:
   w.writerow(["cell_id", *axes, *columns])
   for f in finals:
     w.writerow([f["cell_id"], *(f["axes"][a] for a in axes),
-                *(_csv_value(f.get(c)) for c in columns)])
+                *(_csv_value(_run_value(f, c)) for c in columns)])
   return buf.getvalue()
 
 
@@ -61,12 +75,20 @@ def summarise(finals, axes, col_axis="target", seed_axis="seed", metric="test_ac
   return row_axes, rows, cols
 
 
+def _scale(metric: str) -> float:
+  return 1.0 if metric in RAW_METRICS else 100.0
+
+
+def _num(v: float, scale: float) -> str:
+  return f"{v:.1f}" if scale == 100.0 else f"{v:.3g}"
+
+
 def _cell_text(values, scale=100.0) -> str:
   failed = sum(v is None for v in values)
   mean, half = stats.mean_ci([v for v in values if v is not None])
   if math.isnan(mean):
     return "diverged"
-  text = f"{scale * mean:.1f}" + ("" if math.isnan(half) else f" ± {scale * half:.1f}")
+  text = _num(scale * mean, scale) + ("" if math.isnan(half) else f" ± {_num(scale * half, scale)}")
   return text + (f" ({failed} diverged)" if failed else "")
 
 
@@ -86,15 +108,19 @@ def _by_seed(finals, row_axes, col_axis="target", metric="test_accuracy"):
   return out
 
 
-def paired_section(finals, axes, labels: dict, reference: tuple) -> list[str]:
-  """Markdown lines: each row minus the reference row, paired by seed, mean ± 95% CI."""
-  row_axes, rows, cols = summarise(finals, axes)
+def paired_section(finals, axes, labels: dict, reference: tuple,
+                   metric: str = "test_accuracy") -> list[str]:
+  """Markdown lines: each row minus the reference row, paired by seed: mean, 95% percentile
+  bootstrap CI, and the probability of improvement (share of seeds where the row wins)."""
+  row_axes, rows, cols = summarise(finals, axes, metric=metric)
   if reference not in rows:
     return []
-  values = _by_seed(finals, row_axes)
+  values = _by_seed(finals, row_axes, metric=metric)
+  scale = _scale(metric)
   ref_name = ", ".join(f"{labels.get(a, a)}={_fmt_value(v)}" for a, v in zip(row_axes, reference))
-  out = [f"## paired difference to the reference ({ref_name}), test accuracy points, "
-         "mean ± 95% CI over seeds", "",
+  out = [f"## paired difference to the reference ({ref_name}), {METRIC_NAMES.get(metric, metric)}"
+         f"{' points' if scale == 100.0 else ''}: mean [95% bootstrap CI] over seeds, "
+         "P = probability of improvement", "",
          "| " + " | ".join([labels.get(a, a) for a in row_axes] + [str(c) for c in cols]) + " |",
          "|" + "---|" * (len(row_axes) + len(cols))]
   for key in rows:
@@ -107,45 +133,97 @@ def paired_section(finals, axes, labels: dict, reference: tuple) -> list[str]:
       if not seeds:
         cells.append("n/a")
         continue
-      d, h = stats.paired_difference([mine[s] for s in seeds], [ref[s] for s in seeds])
-      cells.append(f"{100 * d:+.1f}" + ("" if math.isnan(h) else f" ± {100 * h:.1f}"))
+      p = stats.paired([mine[s] for s in seeds], [ref[s] for s in seeds])
+      cells.append(f"{_signed(p.mean, scale)} [{_signed(p.lo, scale)}, {_signed(p.hi, scale)}] "
+                   f"P={p.p_improvement:.2f}")
     out.append("| " + " | ".join([_fmt_value(v) for v in key] + cells) + " |")
   return out + [""]
 
 
-def table_markdown(finals, axes, labels: dict, title: str, reference: tuple | None = None) -> str:
+def _signed(v: float, scale: float) -> str:
+  return f"{scale * v:+.1f}" if scale == 100.0 else f"{scale * v:+.3g}"
+
+
+def _hparams(finals, row_axes, key, col) -> str:
+  """The learning rate and weight decay the cells of a row used (selected per row and target
+  when the experiment selects them)."""
+  seen = sorted({(f.get("hparams", {}).get("train.lr"), f.get("hparams", {}).get("train.weight_decay"))
+                 for f in finals
+                 if tuple(f["axes"][a] for a in row_axes) == key and f["axes"]["target"] == col},
+                key=str)
+  return "/".join(f"{lr:g}, {wd:g}" for lr, wd in seen if lr is not None)
+
+
+def stats_section(finals, axes, labels: dict, metric: str = "test_accuracy") -> list[str]:
+  """Markdown lines: per row and target, n, mean, std, 95% bootstrap CI and 95% t CI."""
+  row_axes, rows, cols = summarise(finals, axes, metric=metric)
+  scale = _scale(metric)
+  unit = " (%)" if scale == 100.0 else ""
+  out = [f"## {METRIC_NAMES.get(metric, metric)}{unit} per configuration: seeds, mean, std, "
+         "95% bootstrap CI, 95% t CI", "",
+         "| " + " | ".join([labels.get(a, a) for a in row_axes]
+                           + ["target", "n", "mean", "std", "bootstrap CI", "t CI"]) + " |",
+         "|" + "---|" * (len(row_axes) + 6)]
+  for key, by_col in rows.items():
+    for c in cols:
+      vals = [v for v in by_col.get(c, []) if v is not None]
+      s = stats.summary(vals)
+      if s.n == 0:
+        continue
+      m, h = stats.mean_ci(vals)
+      t_ci = "n/a" if math.isnan(h) else f"[{_num(scale * (m - h), scale)}, {_num(scale * (m + h), scale)}]"
+      std = "n/a" if math.isnan(s.std) else _num(scale * s.std, scale)
+      out.append("| " + " | ".join([_fmt_value(v) for v in key] + [
+          str(c), str(s.n), _num(scale * s.mean, scale), std,
+          f"[{_num(scale * s.lo, scale)}, {_num(scale * s.hi, scale)}]", t_ci]) + " |")
+  return out + [""]
+
+
+def table_markdown(finals, axes, labels: dict, title: str, reference: tuple | None = None,
+                   metrics=None, show_hparams: bool = False) -> str:
   out = [f"# {title}", ""]
   diverged = sum(f.get("status", "ok") != "ok" for f in finals)
   if diverged:
     out += [f"{diverged} cell(s) diverged (non-finite training loss): they are marked, left out "
             "of every mean and difference, and listed in runs.csv.", ""]
   seeds = sorted({f["axes"]["seed"] for f in finals})
-  for metric, name in METRICS:
+  metrics = tuple(metrics or [m for m, _ in METRICS])
+  for metric in metrics:
+    name = METRIC_NAMES.get(metric, metric)
+    scale = _scale(metric)
     row_axes, rows, cols = summarise(finals, axes, metric=metric)
     head = [labels.get(a, a) for a in row_axes] + [str(c) for c in cols]
-    out += [f"## {name} (%), mean ± 95% CI over {len(seeds)} seeds (t interval)", "",
-            "| " + " | ".join(head + ["trainable params"]) + " |",
-            "|" + "---|" * (len(head) + 1)]
+    extra = ["trainable params"] + (["selected lr, wd (per target)"] if show_hparams else [])
+    out += [f"## {name}{' (%)' if scale == 100.0 else ''}, mean ± 95% CI over {len(seeds)} "
+            "seeds (t interval)", "",
+            "| " + " | ".join(head + extra) + " |",
+            "|" + "---|" * (len(head) + len(extra))]
     for key, by_col in rows.items():
       params = " / ".join(_params(finals, row_axes, key, c) for c in cols)
+      hp = ([" / ".join(_hparams(finals, row_axes, key, c) for c in cols)]
+            if show_hparams else [])
       out.append("| " + " | ".join([_fmt_value(v) for v in key]
-                                   + [_cell_text(by_col.get(c, [])) for c in cols]
-                                   + [params]) + " |")
+                                   + [_cell_text(by_col.get(c, []), scale) for c in cols]
+                                   + [params] + hp) + " |")
     out.append("")
+  for metric in metrics:
+    out += stats_section(finals, axes, labels, metric)
   if reference is not None:
-    out += paired_section(finals, axes, labels, reference)
+    for metric in metrics:
+      out += paired_section(finals, axes, labels, reference, metric)
   return "\n".join(out)
 
 
-def table_latex(finals, axes, labels: dict) -> str:
-  row_axes, rows, cols = summarise(finals, axes)
+def table_latex(finals, axes, labels: dict, metric: str = "test_accuracy") -> str:
+  """booktabs table of `metric`, mean ± 95% t CI over seeds."""
+  row_axes, rows, cols = summarise(finals, axes, metric=metric)
   esc = lambda s: str(s).replace("_", r"\_").replace("%", r"\%")
   spec = "l" * len(row_axes) + "r" * len(cols)
   lines = [r"\begin{tabular}{" + spec + "}", r"\toprule",
            " & ".join(esc(labels.get(a, a)) for a in row_axes + []) + " & "
            + " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
   for key, by_col in rows.items():
-    cells = [_cell_text(by_col.get(c, [])).replace("±", r"$\pm$") for c in cols]
+    cells = [_cell_text(by_col.get(c, []), _scale(metric)).replace("±", r"$\pm$") for c in cols]
     lines.append(" & ".join(esc(_fmt_value(v)) for v in key) + " & " + " & ".join(cells)
                  + r" \\")
   lines += [r"\bottomrule", r"\end{tabular}", ""]
@@ -181,26 +259,72 @@ def plot(finals, axes, labels: dict, path: str, title: str) -> None:
   os.replace(tmp, path)
 
 
+def line_plot(finals, series: list, path: str, title: str, metric: str = "test_accuracy",
+              xlabel: str = "", log_x: bool = False, xticklabels=None) -> str:
+  """Mean ± 95% t CI of `metric` per point; `series` is [(label, [(x, axes filter), ...])]
+  or [(label, points, metric)], each point the cells whose axes match its filter."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  scale = _scale(metric)
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for label, points, *own in series:
+    m_key = own[0] if own else metric
+    xs, ms, hs = [], [], []
+    for x, filt in points:
+      vals = [f.get(m_key) for f in finals
+              if f.get("status", "ok") == "ok" and f.get(m_key) is not None
+              and all(f["axes"].get(k) == v for k, v in filt.items())]
+      if vals:
+        m, h = stats.mean_ci(vals)
+        xs.append(x)
+        ms.append(scale * m)
+        hs.append(0 if math.isnan(h) else scale * h)
+    if xs:
+      ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=label)
+  if log_x:
+    ax.set_xscale("log")
+  if xticklabels:  # categorical x: point i is labelled xticklabels[i]
+    ax.set_xticks(range(len(xticklabels)))
+    ax.set_xticklabels(xticklabels, fontsize=8)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(METRIC_NAMES.get(metric, metric) + (" (%)" if scale == 100.0 else ""))
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
 def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
-          labels: dict | None = None, reference: tuple | None = None) -> list[str]:
+          labels: dict | None = None, reference: tuple | None = None, metrics=None,
+          show_hparams: bool = False, extra=None) -> list[str]:
   """runs.csv, timing.csv, table.md, table.tex and accuracy.png as the folder `out_dir`.
 
-  Everything is written into a temporary sibling folder that then replaces `out_dir`, so a
-  crash at any point leaves the previous complete set of files, never a mix.
+  `extra(folder)` may add files (findings, more plots) and returns their names. Everything
+  is written into a temporary sibling folder that then replaces `out_dir`, so a crash at
+  any point leaves the previous complete set of files, never a mix.
   """
   labels = labels or {}
   title = f"{name}: test metrics per strategy configuration and target"
-  names = ("runs.csv", "timing.csv", "table.md", "table.tex", "accuracy.png")
+  names = ["runs.csv", "timing.csv", "table.md", "table.tex", "accuracy.png"]
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out_dir)}-")
   try:
     io.write_text(os.path.join(tmp, "runs.csv"), runs_csv(finals, axes))
     io.write_text(os.path.join(tmp, "timing.csv"), runs_csv(finals, axes, TIMING_COLUMNS))
-    io.write_text(os.path.join(tmp, "table.md"),
-                  table_markdown(finals, axes, labels, title, reference))
+    io.write_text(os.path.join(tmp, "table.md"), table_markdown(
+        finals, axes, labels, title, reference, metrics, show_hparams))
     io.write_text(os.path.join(tmp, "table.tex"), table_latex(finals, axes, labels))
     plot(finals, axes, labels, os.path.join(tmp, "accuracy.png"), title)
+    if extra is not None:
+      names += list(extra(tmp))
     io.replace_dir(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

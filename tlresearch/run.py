@@ -105,7 +105,8 @@ def main(argv: list[str]) -> int:
     raise UserError(f"--experiment is required; valid: {choices(names)}")
   if name not in names:
     raise UserError(f"unknown experiment '{name}'; valid: {choices(names)}")
-  config = importlib.import_module(f"experiments.{name}").get_config()
+  module = importlib.import_module(f"experiments.{name}")
+  config = module.get_config()
   for dotted, text in overrides:
     apply_override(config, dotted, text)
   # Heavy imports (jax, tensorflow) only once the command line is known to be valid.
@@ -117,7 +118,9 @@ def main(argv: list[str]) -> int:
   elif config.kind == "sweep":
     sweep.run_grid(config, name, flags.get("workdir", os.path.join("workdir", name)),
                    results_dir, overwrite,
-                   progress=flags.get("no_progress", "false").lower() not in ("1", "true"))
+                   progress=flags.get("no_progress", "false").lower() not in ("1", "true"),
+                   findings=getattr(module, "FINDINGS", None),
+                   command=" ".join(["python -m tlresearch.run"] + argv))
   else:
     raise UserError(f"experiment '{name}' has unknown kind '{config.kind}'; valid: pretrain, sweep")
   return 0

@@ -5,9 +5,12 @@ A rule is `FROZEN` or a learning-rate multiplier > 0. For each parameter the fir
 that matches (`re.fullmatch`) decides; a parameter no pattern matches is an error, so a rule
 list can never silently leave something trainable.
 
-A strategy is one or more `Stage`s (multi-stage strategies such as LP-FT are several), plus
-whether the backbone starts from the pretrained weights. Strategies are named by a spec
-string `name` or `name:key=value,...`, e.g. `partial:k=2`, `discriminative:decay=0.5`.
+A strategy is one or more `Stage`s (multi-stage strategies such as LP-FT or gradual
+unfreezing are several, each with its own epoch budget, optimizer state and schedule), plus
+which backbone groups start from the pretrained weights. A stage may replace weight decay by
+a penalty (L2-SP pulls toward the pretrained weights, not toward zero). Strategies are named
+by a spec string `name` or `name:key=value,...`, e.g. `partial:k=2`, `layer_decay:decay=0.7`,
+`surgical:group=stage1`, `l2_sp:alpha=0.01,beta=0.01`.
 """
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ Rule = Union[str, float]
 @dataclasses.dataclass(frozen=True)
 class Stage:
   rules: tuple[tuple[str, Rule], ...]
-  epochs: int | None = None  # None: the whole epoch budget (or what earlier stages left).
+  epochs: int | None = None  # None: what earlier stages left of the budget (see stage_epochs)
   name: str = "train"
+  fraction: float | None = None  # epochs as a fraction of the budget (when `epochs` is None)
+  weight_decay: bool = True  # False when `penalty` replaces the optimizer's weight decay
+  penalty: tuple = ()  # ("l2_sp", alpha, beta): see tlresearch.penalty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +39,25 @@ class Strategy:
   spec: str
   stages: tuple[Stage, ...]
   pretrained: bool = True
+  # Load only the first n groups from the checkpoint (the rest keep their random init);
+  # None: every backbone group. The head is never loaded unless the cell asks for it.
+  transfer_groups: int | None = None
+
+
+def stage_epochs(stages, budget: int) -> list[int]:
+  """Epochs of each stage for an epoch budget: `epochs` if set, else `fraction` x budget
+  (at least 1), else the rest of the budget after the stages before it (may be 0)."""
+  out, used = [], 0
+  for s in stages:
+    if s.epochs is not None:
+      n = int(s.epochs)
+    elif s.fraction is not None:
+      n = max(1, round(float(s.fraction) * budget))
+    else:
+      n = max(0, budget - used)
+    out.append(n)
+    used += n
+  return out
 
 
 def group_pattern(group: str) -> str:
@@ -67,13 +92,126 @@ def scratch(groups) -> Strategy:
   return Strategy("scratch", (Stage(((".*", 1.0),)),), pretrained=False)
 
 
+def _decayed(groups, decay: float, name: str) -> tuple[tuple[str, Rule], ...]:
+  if not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+    raise UserError(f"strategy '{name}': decay must be in (0, 1], got {decay}")
+  n = len(groups)
+  return tuple((group_pattern(g), float(decay ** (n - 1 - i))) for i, g in enumerate(groups))
+
+
 def discriminative(groups, decay: float = 0.5) -> Strategy:
   """Discriminative learning rates (Howard & Ruder 2018): head x1, each group below x decay."""
-  if not 0 < decay <= 1:
-    raise UserError(f"strategy 'discriminative': decay must be in (0, 1], got {decay}")
-  n = len(groups)
-  rules = tuple((group_pattern(g), float(decay ** (n - 1 - i))) for i, g in enumerate(groups))
-  return Strategy(f"discriminative:decay={decay:g}", (Stage(rules),))
+  return Strategy(f"discriminative:decay={decay:g}",
+                  (Stage(_decayed(groups, decay, "discriminative")),))
+
+
+def layer_decay(groups, decay: float = 0.75) -> Strategy:
+  """Layer-wise learning-rate decay (ELECTRA, Clark et al. 2020; BEiT, Bao et al. 2022): the
+  group n below the head trains at lr x decay**n. The same rule as `discriminative` under the
+  transformer literature's name and default (0.75)."""
+  return Strategy(f"layer_decay:decay={decay:g}", (Stage(_decayed(groups, decay, "layer_decay")),))
+
+
+def lp_ft(groups, probe: float = 0.5) -> Strategy:
+  """LP-FT (Kumar et al. 2022): a linear probe, then full fine-tuning starting from the
+  probe's head. The fine-tuning stage gets the whole epoch budget, as `full` does; the probe
+  runs before it for `probe` x the budget (cheap: it trains on cached features)."""
+  if not isinstance(probe, (int, float)) or not 0 < probe <= 1:
+    raise UserError(f"strategy 'lp_ft': probe must be a fraction of the budget in (0, 1], "
+                    f"got {probe}")
+  head_only = linear_probe(groups).stages[0].rules
+  return Strategy(f"lp_ft:probe={probe:g}", (Stage(head_only, fraction=probe, name="probe"),
+                                             Stage(((".*", 1.0),), fraction=1.0, name="fine_tune")))
+
+
+def gradual_unfreeze(groups, epochs_per_stage: int = 1) -> Strategy:
+  """Gradual unfreezing (ULMFiT, Howard & Ruder 2018): the head alone first, then one more
+  group from the top each stage of `epochs_per_stage` epochs; the last stage trains every
+  group for the rest of the budget."""
+  if not isinstance(epochs_per_stage, int) or epochs_per_stage < 1:
+    raise UserError(f"strategy 'gradual_unfreeze': epochs_per_stage must be an integer >= 1, "
+                    f"got {epochs_per_stage}")
+  spec = f"gradual_unfreeze:epochs_per_stage={epochs_per_stage}"
+  n = len(groups) - 1
+  stages = tuple(Stage(_top_k(groups, k, spec), epochs=epochs_per_stage if k < n else None,
+                       name=f"top{k}") for k in range(n + 1))
+  return Strategy(spec, stages)
+
+
+# Parameter-name conventions of the backbones: BatchNorm modules are named `bn`, `bn1`,
+# `proj_bn`, ...; their shift is `bias`, their scale `scale`.
+BIAS = r".*/bias"
+NORM = r".*bn\d*/(scale|bias)"
+
+
+def bitfit(groups) -> Strategy:
+  """BitFit (Ben Zaken et al. 2022): only the biases and the head learn. The backbone's
+  convolutions have no bias, so its biases are the BatchNorm shifts."""
+  head = group_pattern(groups[-1])
+  return Strategy("bitfit", (Stage(((head, 1.0), (BIAS, 1.0), (".*", FROZEN))),))
+
+
+def norm_only(groups) -> Strategy:
+  """Only the normalisation layers' scales and shifts, and the head, learn (Frankle et al.
+  2021, "Training BatchNorm and only BatchNorm")."""
+  head = group_pattern(groups[-1])
+  return Strategy("norm_only", (Stage(((head, 1.0), (NORM, 1.0), (".*", FROZEN))),))
+
+
+def l2_sp(groups, alpha: float = 0.01, beta: float = 0.01) -> Strategy:
+  """L2-SP (Li et al. 2018): everything learns, with the penalty alpha/2 ||w - w0||^2 toward
+  the pretrained weights w0 on the backbone and beta/2 ||w||^2 on the new head, in place of
+  weight decay (which would pull the backbone toward zero, i.e. away from what it knows)."""
+  for key, v in (("alpha", alpha), ("beta", beta)):
+    if not isinstance(v, (int, float)) or v < 0:
+      raise UserError(f"strategy 'l2_sp': {key} must be a number >= 0, got {v}")
+  stage = Stage(((".*", 1.0),), weight_decay=False, penalty=("l2_sp", float(alpha), float(beta)))
+  return Strategy(f"l2_sp:alpha={alpha:g},beta={beta:g}", (stage,))
+
+
+def _group(groups, group, spec: str) -> str:
+  if group not in groups:
+    raise UserError(f"strategy '{spec}': unknown group '{group}'; valid: {', '.join(groups)}")
+  return group
+
+
+def surgical(groups, group: str = "") -> Strategy:
+  """Surgical fine-tuning (Lee et al. 2023): only `group` learns, everything else is frozen,
+  the head included, so the head must come from pretraining (`pretrained_head`) unless
+  `group` is the head."""
+  spec = f"surgical:group={group}"
+  rules = ((group_pattern(_group(groups, group, spec)), 1.0), (".*", FROZEN))
+  return Strategy(spec, (Stage(rules),))
+
+
+def _n_groups(groups, n, spec: str) -> int:
+  backbone = len(groups) - 1
+  if not isinstance(n, int) or not 1 <= n <= backbone:
+    raise UserError(f"strategy '{spec}': n must be in 1..{backbone} for this backbone "
+                    f"(groups: {', '.join(groups)}), got {n}")
+  return n
+
+
+def layer_transfer(groups, n: int = 0, fine_tune: int = 0) -> Strategy:
+  """Yosinski et al. (2014): the first n groups come from the pretrained network, the groups
+  above are re-initialised and trained; the transferred groups are frozen (AnB, BnB) or
+  fine-tuned too (`fine_tune=1`: AnB+, BnB+). Which network (A or B) is `pretrain`'s."""
+  spec = f"layer_transfer:n={n},fine_tune={fine_tune}"
+  n = _n_groups(groups, n, spec)
+  if fine_tune not in (0, 1):
+    raise UserError(f"strategy '{spec}': fine_tune must be 0 or 1, got {fine_tune}")
+  rules = (((".*", 1.0),) if fine_tune else
+           tuple((group_pattern(g), FROZEN) for g in groups[:n]) + ((".*", 1.0),))
+  return Strategy(spec, (Stage(rules),), transfer_groups=n)
+
+
+def random_features(groups, n: int = 0) -> Strategy:
+  """Control (Jarrett et al. 2009; Yosinski et al. 2014): the first n groups keep their random
+  init and are frozen, the groups above train from random init."""
+  spec = f"random_features:n={n}"
+  n = _n_groups(groups, n, spec)
+  rules = tuple((group_pattern(g), FROZEN) for g in groups[:n]) + ((".*", 1.0),)
+  return Strategy(spec, (Stage(rules),), pretrained=False)
 
 
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
@@ -82,6 +220,15 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "full": full,
     "scratch": scratch,
     "discriminative": discriminative,
+    "layer_decay": layer_decay,
+    "lp_ft": lp_ft,
+    "gradual_unfreeze": gradual_unfreeze,
+    "bitfit": bitfit,
+    "norm_only": norm_only,
+    "l2_sp": l2_sp,
+    "surgical": surgical,
+    "layer_transfer": layer_transfer,
+    "random_features": random_features,
 }
 
 
@@ -110,7 +257,7 @@ def get(spec: str, groups) -> Strategy:
   name, kwargs = parse_spec(spec)
   if name not in STRATEGIES:
     raise UserError(f"unknown strategy '{spec}'; valid: {choices(STRATEGIES)} "
-                    "(options as name:key=value, e.g. partial:k=2)")
+                    "(options as name:key=value, e.g. partial:k=2, surgical:group=stage1)")
   try:
     return STRATEGIES[name](tuple(groups), **kwargs)
   except TypeError as e:
@@ -140,3 +287,9 @@ def frozen_groups(rule_by_path: dict[str, Rule], groups) -> tuple[str, ...]:
   """Groups whose every parameter is frozen: their BatchNorm runs in inference mode."""
   return tuple(g for g in groups
                if all(r == FROZEN for p, r in rule_by_path.items() if p.split("/")[0] == g))
+
+
+def trains(strategy: Strategy, paths, group: str) -> bool:
+  """Whether any stage of `strategy` trains a parameter of `group` (paths: every parameter)."""
+  return any(r != FROZEN and p.split("/")[0] == group
+             for s in strategy.stages for p, r in resolve(s.rules, paths).items())

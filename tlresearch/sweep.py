@@ -8,7 +8,8 @@ import time
 from tqdm import tqdm
 
 from tlresearch import cell as cell_lib
-from tlresearch import grid, io, models, pretrain, report, strategies, train
+from tlresearch import findings as findings_lib
+from tlresearch import grid, io, models, pretrain, report, selection, strategies, train
 from tlresearch.errors import UserError
 
 
@@ -22,17 +23,26 @@ def enable_compile_cache(cache_dir: str | None) -> str:
 
 
 def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool = False,
-             progress: bool = True) -> dict:
-  """Runs every unfinished cell of `config`'s grid and writes `results_dir/name/`."""
+             progress: bool = True, findings: findings_lib.Findings | None = None,
+             command: str = "") -> dict:
+  """Runs every unfinished cell of `config`'s grid and writes `results_dir/name/`.
+
+  With `config.selection.enabled`, the selection cells run first and each configuration's
+  final cells use its selected values (tlresearch.selection). `findings`: the experiment's
+  claims and plots, written to findings.md; `command`: the command line that made them.
+  """
   t0 = time.perf_counter()
   cells = grid.expand(config)
-  grid.check_all(cells)  # every bad value and every bad dataset fails here, before training
+  sel_cells = selection.expand(config, cells)
+  # every bad value and every bad dataset fails here, before training
+  grid.check_all(cells + sel_cells)
   lock = io.directory_lock(workdir)
   if not lock.acquire():
     raise UserError(f"workdir {workdir} is in use by another sweep (pid {lock.holder()}); "
                     "wait for it to finish or pass a different --workdir")
   try:
-    return _run_grid(config, cells, name, workdir, results_dir, overwrite, progress, t0)
+    return _run_grid(config, cells, sel_cells, name, workdir, results_dir, overwrite, progress,
+                     findings, command, t0)
   finally:
     lock.release()
 
@@ -45,7 +55,8 @@ def _clear_workdir(workdir: str) -> None:
       shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
 
 
-def _run_grid(config, cells, name, workdir, results_dir, overwrite, progress, t0) -> dict:
+def _run_grid(config, cells, sel_cells, name, workdir, results_dir, overwrite, progress,
+              findings, command, t0) -> dict:
   enable_compile_cache(config.cache_dir or None)
   if overwrite:
     _clear_workdir(workdir)
@@ -64,28 +75,53 @@ def _run_grid(config, cells, name, workdir, results_dir, overwrite, progress, t0
     return pretrained[key]
 
   labels = dict(config.report.axis_labels)
-  done = {c.id: grid.finished(os.path.join(workdir, c.id), c) for c in cells}
-  todo = [c for c in cells if done[c.id] is None]
-  needs = {c.id: strategies.get(c.config.strategy, models.groups_of(c.config.model)).pretrained
-           for c in todo}
-  for c in todo:  # before the progress bar, so its ETA measures cells only
-    if needs[c.id]:
-      backbone(c.config)
-  finals = []
-  bar = tqdm(cells, desc=name, unit="cell", disable=not progress, dynamic_ncols=True)
-  for c in bar:
-    final = done[c.id]
-    if final is None:
-      final = cell_lib.run(c.config, c.id, c.axes, os.path.join(workdir, c.id),
-                           backbone(c.config) if needs[c.id] else None, log=tqdm.write)
-      tqdm.write(_summary_line(final, labels))
-    finals.append(final)
-  reused = len(cells) - len(todo)
+
+  def run_cells(cells, root, desc):
+    """final.json of every cell, training only the unfinished ones; (finals, reused)."""
+    done = {c.id: grid.finished(os.path.join(root, c.id), c) for c in cells}
+    todo = [c for c in cells if done[c.id] is None]
+    needs = {c.id: strategies.get(c.config.strategy,
+                                  models.groups_of(c.config.model)).pretrained for c in todo}
+    for c in todo:  # before the progress bar, so its ETA measures cells only
+      if needs[c.id]:
+        backbone(c.config)
+    finals = []
+    bar = tqdm(cells, desc=desc, unit="cell", disable=not progress, dynamic_ncols=True)
+    for c in bar:
+      final = done[c.id]
+      if final is None:
+        final = cell_lib.run(c.config, c.id, c.axes, os.path.join(root, c.id),
+                             backbone(c.config) if needs[c.id] else None, log=tqdm.write)
+        tqdm.write(_summary_line(final, labels))
+      finals.append(final)
+    return finals, len(cells) - len(todo)
+
   out_dir = os.path.join(results_dir, name)
+  sel_table = None
+  if sel_cells:
+    sel_finals, _ = run_cells(sel_cells, os.path.join(workdir, "selection"), f"{name} selection")
+    chosen = selection.choose(config, sel_cells, sel_finals)
+    cells = selection.apply(cells, chosen)
+    sel_table = selection.table_csv(sel_cells, sel_finals, chosen)
+  finals, reused = run_cells(cells, workdir, name)
   axes = grid.axes_of(config)
   # The reference row of the paired-difference table: the base config with that strategy.
   reference = tuple({**grid.base_axes(config), "strategy": config.report.reference}.values())
-  paths = report.write(finals, axes, out_dir, name, labels, reference)
+
+  def extra(folder):
+    """selection.csv, findings.md and the findings' plots, into the results folder."""
+    names = []
+    if sel_table is not None:
+      io.write_text(os.path.join(folder, "selection.csv"), sel_table)
+      names.append("selection.csv")
+    if findings is not None:
+      names += [os.path.basename(p)
+                for p in findings_lib.write(folder, name, findings, finals, command)]
+    return names
+
+  paths = report.write(finals, axes, out_dir, name, labels, reference,
+                       metrics=config.report.get("metrics", None),
+                       show_hparams=selection.enabled(config), extra=extra)
   seconds = time.perf_counter() - t0
   summary = {"cells": len(cells), "reused": reused, "seconds": seconds,
              "compile_seconds": train.COMPILE_SECONDS[0], "outputs": paths}

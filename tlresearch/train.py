@@ -9,7 +9,9 @@ Decisive properties (each has a test):
 - a frozen prefix of groups (`start` > stem) is not run in training at all: its output is
   computed once per split (`prefix_outputs`) and the remaining groups train on it;
 - compiled programs are cached by their static description and argument shapes, so cells
-  that differ only in seed or data values reuse them (compile once per shape).
+  that differ only in seed, data values, learning rate or weight decay reuse them (compile
+  once per shape): the peak lr and weight decay are inputs of the step (`StepInputs`), not
+  constants, so a learning-rate selection grid costs no extra compilation.
 """
 from __future__ import annotations
 
@@ -23,11 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tlresearch import optim
+from tlresearch import optim, penalty
 from tlresearch.checkpoint import CheckpointError
 from tlresearch.data import preprocess as preprocessing
 from tlresearch.data.augment import AugmentSpec, augment
-from tlresearch.strategies import FROZEN, frozen_groups, resolve
+from tlresearch.strategies import FROZEN, frozen_groups, resolve, stage_epochs
 
 # Images are stored as uint8 and normalised on device, as the model declares.
 MEAN, STD = preprocessing.STANDARD_MEAN, preprocessing.STANDARD_STD
@@ -51,27 +53,36 @@ class StepSpec:
   model: Any                       # a hashable flax Module
   rules: tuple                     # ((pattern, rule), ...)
   optimizer: str
-  peak_lr: float
   total_steps: int
   warmup_steps: int
-  weight_decay: float
   momentum: float
   start: str                       # first group run in training (earlier ones are cached)
   frozen_bn: tuple[str, ...]       # groups whose BatchNorm is in inference mode
   augment: AugmentSpec | None
   batch_size: int
   steps_per_epoch: int
+  penalty: tuple = ()              # the stage's loss penalty (tlresearch.penalty), if any
 
-  def lr_schedule(self):
-    return optim.schedule(self.peak_lr, self.total_steps, self.warmup_steps)
+  def lr_schedule(self, peak_lr):
+    # The shape is built for a peak of 1 and scaled: optax's schedule branches on its peak
+    # value in Python, and here the peak is a traced input.
+    shape = optim.schedule(1.0, self.total_steps, self.warmup_steps)
+    return lambda step: peak_lr * shape(step)
 
   def rule_by_path(self, params) -> dict:
     return resolve(self.rules, traverse_util.flatten_dict(params, sep="/").keys())
 
-  def tx(self, params):
+  def tx(self, params, inputs: dict):
     return optim.make(self.rule_by_path(params), params, optimizer=self.optimizer,
-                      lr=self.lr_schedule(), weight_decay=self.weight_decay,
+                      lr=self.lr_schedule(inputs["lr"]), weight_decay=inputs["weight_decay"],
                       momentum=self.momentum)[0]
+
+
+def step_inputs(peak_lr: float, weight_decay: float, anchor: dict | None = None) -> dict:
+  """The dynamic inputs of a train step: peak lr, weight decay, and the penalty's anchor
+  weights ({} without a penalty)."""
+  return {"lr": jnp.float32(peak_lr), "weight_decay": jnp.float32(weight_decay),
+          "anchor": anchor or {}}
 
 
 # ---------------------------------------------------------------- compile cache
@@ -115,13 +126,14 @@ def _keep_frozen_stats(new_stats, old_stats, frozen_bn):
 
 # ---------------------------------------------------------------- programs
 
-def _init_opt_state(spec: StepSpec, params):
-  return spec.tx(params).init(params)
+def _init_opt_state(spec: StepSpec, params, inputs):
+  return spec.tx(params, inputs).init(params)
 
 
-def init_state(spec: StepSpec, variables) -> TrainState:
+def init_state(spec: StepSpec, variables, inputs: dict | None = None) -> TrainState:
   params = variables["params"]
-  opt_state = _compiled(_init_opt_state, spec, params)(params)
+  inputs = inputs if inputs is not None else step_inputs(0.0, 0.0)
+  opt_state = _compiled(_init_opt_state, spec, params, inputs)(params, inputs)
   return TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
                     opt_state)
 
@@ -139,8 +151,9 @@ def loss_and_logits(spec, params, batch_stats, x, y, train, dropout_key):
   return loss, (logits, new_stats)
 
 
-def _train_step(spec: StepSpec, state: TrainState, x, y, keys):
-  """One optimizer step on batch (x, y); keys = (dropout, augment) base keys."""
+def _train_step(spec: StepSpec, state: TrainState, x, y, keys, inputs):
+  """One optimizer step on batch (x, y); keys = (dropout, augment) base keys; `inputs`:
+  `step_inputs` (lr, weight decay, the penalty's anchor)."""
   rule_by_path = spec.rule_by_path(state.params)
   trainable, frozen = split_params(state.params, rule_by_path)
   if spec.start == spec.model.groups[0]:
@@ -150,14 +163,17 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, keys):
   dropout_key = jax.random.fold_in(keys[0], state.step)
 
   def loss_fn(trainable):
-    return loss_and_logits(spec, join_params(trainable, frozen), state.batch_stats, x, y,
-                           True, dropout_key)
+    loss, aux = loss_and_logits(spec, join_params(trainable, frozen), state.batch_stats, x, y,
+                                True, dropout_key)
+    pen = penalty.value(spec.penalty, trainable, inputs["anchor"], spec.model.groups[-1])
+    return loss + pen, aux
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   # Frozen leaves get a zero placeholder gradient: set_to_zero() ignores it, and XLA never
   # computes it (it is a constant).
   full_grads = join_params(grads, jax.tree.map(jnp.zeros_like, frozen))
-  updates, opt_state = spec.tx(state.params).update(full_grads, state.opt_state, state.params)
+  updates, opt_state = spec.tx(state.params, inputs).update(full_grads, state.opt_state,
+                                                            state.params)
   flat_updates = traverse_util.flatten_dict(updates, sep="/")
   new_trainable = {p: v + flat_updates[p].astype(v.dtype) for p, v in trainable.items()}
   new_state = TrainState(state.step + 1, join_params(new_trainable, frozen),
@@ -167,9 +183,10 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, keys):
   return new_state, (loss, acc)
 
 
-def _train_step_at(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key, aug_key):
+def _train_step_at(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key, aug_key,
+                   inputs):
   """`_train_step` on the batch x[batch_idx]: the gather happens on device."""
-  return _train_step(spec, state, x[batch_idx], y[batch_idx], (dropout_key, aug_key))
+  return _train_step(spec, state, x[batch_idx], y[batch_idx], (dropout_key, aug_key), inputs)
 
 
 def _epoch_order(spec: StepSpec, n_key, order_key):
@@ -180,7 +197,7 @@ def _epoch_order(spec: StepSpec, n_key, order_key):
       spec.steps_per_epoch, spec.batch_size)
 
 
-def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key):
+def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key, inputs):
   """One pass over (x, y) in a seeded random order.
 
   A Python loop over one compiled step rather than a `lax.scan`: on XLA:CPU the scanned
@@ -190,10 +207,10 @@ def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key):
   per epoch (for the metrics).
   """
   order = _compiled(_epoch_order, spec, y, order_key)(y, order_key)
-  step = _compiled(_train_step_at, spec, state, x, y, order[0], dropout_key, aug_key)
+  step = _compiled(_train_step_at, spec, state, x, y, order[0], dropout_key, aug_key, inputs)
   losses, accs = [], []
   for i in range(spec.steps_per_epoch):
-    state, (loss, acc) = step(state, x, y, order[i], dropout_key, aug_key)
+    state, (loss, acc) = step(state, x, y, order[i], dropout_key, aug_key, inputs)
     losses.append(loss)
     accs.append(acc)
   losses = jnp.stack(losses)
@@ -305,6 +322,12 @@ def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print, on_epo
   return _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointer, None)
 
 
+def _progress_tree(state, best_params, best_stats, anchor) -> dict:
+  """The arrays of a fit checkpoint (the rest of the progress is JSON meta)."""
+  tree = {"state": state, "best_params": best_params, "best_stats": best_stats}
+  return {**tree, "anchor": anchor} if anchor else tree
+
+
 def _first_nonfinite(losses) -> int:
   return int(np.flatnonzero(~np.isfinite(np.asarray(losses)))[0])
 
@@ -317,20 +340,20 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
   history, notes = (list(resume["history"]), list(resume["notes"])) if resume else ([], [])
   if resume:
     log(f"resuming from {resume['path']} ({resume['epochs_done']} epochs done)")
-  epochs_left = int(cfg.epochs)
   best_epoch, cached, diverged = 0, False, None
   t_start = time.perf_counter()
   n = len(data.train_x)
   batch_size = min(int(cfg.batch_size), n)
   steps = -(-n // batch_size)
-  for stage_index, stage in enumerate(strategy.stages):
-    stage_epochs = min(stage.epochs or epochs_left, epochs_left)
-    if stage_epochs <= 0:
-      break
-    epochs_left -= stage_epochs
+  budget = optim.epoch_budget(int(cfg.epochs), steps, int(cfg.get("min_steps", 0)))
+  for stage_index, (stage, n_epochs) in enumerate(zip(strategy.stages,
+                                                      stage_epochs(strategy.stages, budget))):
+    if n_epochs <= 0:
+      continue
     if resume is not None and stage_index < resume["stage"]:
       continue  # finished before the interruption; the checkpoint holds what it produced
-    rule_by_path = resolve(stage.rules, traverse_util.flatten_dict(variables["params"], sep="/"))
+    flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
+    rule_by_path = resolve(stage.rules, flat_params)
     first = _first_trainable_group(rule_by_path, groups)
     # The frozen prefix is deterministic (inference-mode BatchNorm, no dropout, no
     # augmentation): run it once per split instead of every step.
@@ -338,19 +361,26 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
     if first > 0 and aug is not None:
       notes.append(f"frozen prefix ({', '.join(groups[:first])}) not cached: augmentation is on")
     start = groups[first] if use_cache else groups[0]
+    # "frozen": every BatchNorm in inference mode with its statistics kept, trainable or not.
+    frozen_bn = (tuple(groups) if cfg.get("bn_stats", "update") == "frozen"
+                 else frozen_groups(rule_by_path, groups))
     spec = StepSpec(
-        model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer, peak_lr=float(cfg.lr),
-        total_steps=stage_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
-        weight_decay=float(cfg.weight_decay), momentum=float(cfg.momentum), start=start,
-        frozen_bn=frozen_groups(rule_by_path, groups),
-        augment=aug if start == groups[0] else None, batch_size=batch_size, steps_per_epoch=steps)
-    lr = spec.lr_schedule()
-    state = init_state(spec, variables)
+        model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer,
+        total_steps=n_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
+        momentum=float(cfg.momentum), start=start, frozen_bn=frozen_bn,
+        augment=aug if start == groups[0] else None, batch_size=batch_size,
+        steps_per_epoch=steps, penalty=tuple(stage.penalty))
+    inputs = step_inputs(float(cfg.lr), float(cfg.weight_decay) if stage.weight_decay else 0.0,
+                         penalty.anchor(stage, flat_params, rule_by_path))
+    lr = spec.lr_schedule(float(cfg.lr))
+    state = init_state(spec, variables, inputs)
     best, wait, first_epoch, stopped = None, 0, 0, False
     if resume is not None:  # this is the stage the checkpoint was saved in
-      tree = checkpointer.restore(resume, {"state": state, "best_params": state.params,
-                                           "best_stats": state.batch_stats})
+      tree = checkpointer.restore(resume, _progress_tree(state, state.params, state.batch_stats,
+                                                         inputs["anchor"]))
       state = tree["state"]
+      # The penalty's anchor is the stage's starting weights, saved with the progress.
+      inputs = {**inputs, "anchor": tree.get("anchor", {})}
       best = (resume["best_score"], tree["best_params"], tree["best_stats"], resume["best_epoch"])
       wait, first_epoch, stopped = resume["wait"], resume["stage_epoch"], resume["stopped"]
       # Frozen params and frozen BatchNorm stats are untouched by training, so the restored
@@ -365,13 +395,13 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
     else:
       train_in, val_in, test_in = (jnp.asarray(a) for a in (data.train_x, data.val_x, data.test_x))
     ty, vy = jnp.asarray(data.train_y), jnp.asarray(data.val_y)
-    for stage_epoch in range(first_epoch, stage_epochs):
+    for stage_epoch in range(first_epoch, n_epochs):
       if stopped:
         break
       epoch = len(history)
       t0 = time.perf_counter()
       state, m = train_epoch(spec, state, train_in, ty, jax.random.fold_in(keys.order, epoch),
-                             keys.dropout, keys.augment)
+                             keys.dropout, keys.augment, inputs)
       val, _ = evaluate(model, _variables(state.params, state.batch_stats), val_in, vy, start)
       record = {"epoch": epoch + 1, "stage": stage.name,
                 "train_loss": float(m["train_loss"]), "train_accuracy": float(m["train_accuracy"]),
@@ -396,7 +426,7 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
       if checkpointer is not None:
         checkpointer.maybe_save(
             len(history),
-            lambda s=state, b=best: {"state": s, "best_params": b[1], "best_stats": b[2]},
+            lambda s=state, b=best, a=inputs["anchor"]: _progress_tree(s, b[1], b[2], a),
             {"stage": stage_index, "stage_epoch": stage_epoch + 1, "stopped": stopped,
              "history": history, "notes": notes, "best_score": best[0], "best_epoch": best[3],
              "wait": wait})

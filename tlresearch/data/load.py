@@ -172,6 +172,34 @@ def _k_shot(data: Dataset, k: int, seed: int) -> Dataset:
                              train_y=_read_only(data.train_y[keep]))
 
 
+CLASS_SUBSETS = ("", "A", "B")
+_CLASS_SPLIT_SEED = 2014  # one fixed random split of the classes into halves A and B
+
+
+def class_half(num_classes: int, half: str) -> np.ndarray:
+  """Sorted class indices of half `half` ("A" or "B") of a fixed random split of the
+  classes (Yosinski et al. 2014 split ImageNet's classes the same way); A gets the smaller
+  half when the count is odd."""
+  perm = np.random.default_rng(_CLASS_SPLIT_SEED).permutation(num_classes)
+  return np.sort(perm[:num_classes // 2] if half == "A" else perm[num_classes // 2:])
+
+
+def _subset(data: Dataset, half: str) -> Dataset:
+  """Only the classes of `half`, in every split, relabelled 0..m-1 in class order."""
+  keep = class_half(data.num_classes, half)
+  relabel = np.full(data.num_classes, -1, np.int32)
+  relabel[keep] = np.arange(keep.size)
+
+  def split(x, y):
+    idx = np.flatnonzero(relabel[y] >= 0)
+    return _read_only(x[idx]), _read_only(relabel[y[idx]])
+
+  return Dataset(f"{data.name}[{half}]", *split(data.train_x, data.train_y),
+                 *split(data.val_x, data.val_y), *split(data.test_x, data.test_y),
+                 num_classes=int(keep.size),
+                 class_names=tuple(data.class_names[i] for i in keep))
+
+
 PREFIXES = ("tfds:", "folder:")
 
 
@@ -231,7 +259,8 @@ def _mocked(data_dir: str) -> bool:
 
 
 def load(name: str, *, data_dir: str | None = None, k_shot: int | None = None,
-         seed: int = 0, image_size: int | None = None, options=None) -> Dataset:
+         seed: int = 0, image_size: int | None = None, options=None,
+         class_subset: str = "") -> Dataset:
   """The dataset `name` (one of DATASETS, `tfds:NAME` or `folder:PATH`).
 
   The built-in datasets are built into `data_dir` if needed; `tfds:` datasets are read from
@@ -239,11 +268,16 @@ def load(name: str, *, data_dir: str | None = None, k_shot: int | None = None,
   size). options: the config's `data` block (see `splits.DataOptions`).
   k_shot: keep exactly k training examples per class, chosen by `seed` (same seed, same
   subset); validation and test are unchanged.
+  class_subset: "" for every class, "A" or "B" for one half of a fixed random class split.
   """
   check_name(name)
+  if class_subset not in CLASS_SUBSETS:
+    raise UserError(f"unknown class_subset {class_subset!r}; valid: '' (all classes), A, B")
   opts = DataOptions.from_config(options)
   data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir or default_data_dir())))
   data = _load_resized(name, data_dir, int(image_size) if image_size else None, opts)
+  if class_subset:
+    data = _subset(data, class_subset)
   return data if k_shot is None else _k_shot(data, k_shot, seed)
 
 
@@ -252,7 +286,8 @@ def load_for(cfg) -> Dataset:
   resized to its model's input size, read with its `data` options (if any)."""
   size = cfg.model.get("input_size")
   return load(cfg.target, data_dir=cfg.data_dir or None, k_shot=cfg.k_shot or None,
-              seed=cfg.seed, image_size=int(size) if size else None, options=cfg.get("data"))
+              seed=cfg.seed, image_size=int(size) if size else None, options=cfg.get("data"),
+              class_subset=cfg.get("class_subset", ""))
 
 
 SKIPPED_SHOWN = 5  # how many skipped paths a log line and final.json name

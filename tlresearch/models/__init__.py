@@ -6,6 +6,12 @@ fields, plus `pretrained` (where the backbone's weights come from, see `pretrain
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
 
 from tlresearch.errors import UserError, choices
 from tlresearch.models import mobilenet_v2 as mobilenet_v2_lib
@@ -132,5 +138,22 @@ def from_keras(keras_model):
   return keras_import.from_keras(keras_model)
 
 
-__all__ = ["FAMILIES", "VGG16", "MobileNetV2", "ResNet", "ResNet50", "build", "check_pretrained", "from_keras",
-           "groups_of", "input_size", "load_pretrained", "merge_pretrained", "pretrained_key"]
+def param_paths(model_cfg) -> tuple[str, ...]:
+  """Every `/`-joined parameter path of the model (shapes only, nothing is computed), so
+  strategies can be checked against the real parameter names before any training."""
+  return _param_paths(json.dumps(model_cfg.to_dict(), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _param_paths(model_json: str) -> tuple[str, ...]:
+  import ml_collections
+  model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+  model = build(model_cfg, 2)
+  s = input_size(model_cfg) or 32
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, s, s, 3)))
+  return tuple(traverse_util.flatten_dict(shapes["params"], sep="/"))
+
+
+__all__ = ["FAMILIES", "VGG16", "MobileNetV2", "ResNet", "ResNet50", "build",
+           "check_pretrained", "from_keras", "groups_of", "input_size", "load_pretrained",
+           "merge_pretrained", "param_paths", "pretrained_key"]

@@ -1,0 +1,40 @@
+"""Class halves for the layer-transfer experiment, and the pretraining cache key."""
+import numpy as np
+
+from experiments import _common
+from tlresearch import pretrain
+from tlresearch.data.load import _subset, class_half
+from tests.conftest import make_dataset
+
+
+def test_halves_partition_the_classes_deterministically():
+  a, b = class_half(36, "A"), class_half(36, "B")
+  assert len(a) == len(b) == 18 and not set(a) & set(b) and set(a) | set(b) == set(range(36))
+  assert np.array_equal(a, class_half(36, "A"))
+  assert not np.array_equal(a, np.arange(18))  # a random split, not the first 18 labels
+
+
+def test_subset_keeps_only_its_classes_relabelled():
+  ds = make_dataset(n_train=80, n_val=40, n_test=40, classes=8)
+  half = _subset(ds, "B")
+  keep = class_half(8, "B")
+  assert half.num_classes == 4 and half.class_names == tuple(ds.class_names[i] for i in keep)
+  for x, y, xs, ys in ((ds.train_x, ds.train_y, half.train_x, half.train_y),
+                       (ds.test_x, ds.test_y, half.test_x, half.test_y)):
+    orig = np.flatnonzero(np.isin(y, keep))
+    assert np.array_equal(xs, x[orig])
+    assert np.array_equal(keep[ys], y[orig])  # label i is the i-th kept class
+
+
+def test_pretrain_cache_key_includes_the_class_subset_but_keeps_old_keys():
+  p = _common.pretrain()
+  old = _common.pretrain()
+  del old["class_subset"]
+  del old.train["min_steps"]
+  del old.train["bn_stats"]
+  assert pretrain.cache_key(p) == pretrain.cache_key(old)
+  keys = set()
+  for subset in ("", "A", "B"):
+    p.class_subset = subset
+    keys.add(pretrain.cache_key(p))
+  assert len(keys) == 3

@@ -1,0 +1,60 @@
+"""Measurements of a fine-tuned model beyond its test accuracy, asked for by `cfg.probes`.
+
+- `ood_corrupted`: accuracy on a corrupted copy of the target's test split (one of the
+  glyph builder's input corruptions per image: noise, blur, low contrast, pixelation,
+  salt-and-pepper; a fixed draw, so every cell sees the same images). The out-of-distribution
+  test of Kumar et al. (2022).
+- `feature_change`: how far fine-tuning moved the penultimate features (the pooled output of
+  the last backbone group) on the test images: mean over images of
+  ||f_after(x) - f_before(x)|| / ||f_before(x)||, where `before` is the network as fine-tuning
+  found it (the pretrained backbone). A linear probe scores exactly 0.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from tlresearch import train
+from tlresearch.data.builders import glyphs
+from tlresearch.errors import UserError, choices
+
+PROBES = ("ood_corrupted", "feature_change")
+CORRUPTION_SEED = 0  # one fixed corrupted test set per target
+
+
+def corrupted(x: np.ndarray, seed: int = CORRUPTION_SEED) -> np.ndarray:
+  """A corrupted copy of uint8 images [N, H, W, 3]; same input and seed, same bytes."""
+  images = np.asarray(x, np.float32) / 255.0
+  out = glyphs._corrupt(images, np.random.default_rng(seed))  # pylint: disable=protected-access
+  return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def penultimate(model, variables, x) -> jnp.ndarray:
+  """Pooled features entering the head (inference mode), [N, D]."""
+  maps = train.prefix_outputs(model, variables, jnp.asarray(x), model.groups[-2])
+  return jnp.mean(maps, axis=(1, 2))
+
+
+def feature_change(model, before, after, x) -> float:
+  f0, f1 = penultimate(model, before, x), penultimate(model, after, x)
+  rel = jnp.linalg.norm(f1 - f0, axis=-1) / jnp.maximum(jnp.linalg.norm(f0, axis=-1), 1e-12)
+  return float(jnp.mean(rel))
+
+
+def check(names) -> None:
+  bad = [n for n in names if n not in PROBES]
+  if bad:
+    raise UserError(f"unknown probe(s) {', '.join(map(str, bad))}; valid: {choices(PROBES)}")
+
+
+def measure(names, model, before, after, ds) -> dict:
+  """{metric: value} for the probes in `names` (see the module docstring)."""
+  check(names)
+  out = {}
+  if "ood_corrupted" in names:
+    metrics, _ = train.evaluate(model, after, jnp.asarray(corrupted(ds.test_x)),
+                                jnp.asarray(ds.test_y))
+    out["ood_test_accuracy"] = metrics["accuracy"]
+  if "feature_change" in names:
+    out["feature_change"] = feature_change(model, before, after, ds.test_x)
+  return out
