@@ -1,7 +1,7 @@
 """Keras applications -> Flax: `from_keras(keras_model)` and the `keras:` pretrained weights.
 
-`from_keras` reads a Keras VGG16, ResNet50 or MobileNetV2 (with or without its top, any input size and
-class count Keras allows) and returns `(module, variables)` such that
+`from_keras` reads a Keras VGG16, ResNet50 or MobileNetV2 (with or without its top, any input
+size and class count Keras allows) and returns `(module, variables)` such that
 `module.apply(variables, x)` equals `keras_model(x)` for the same preprocessed NHWC float32
 batch. Keras is imported only here, and only when these functions run.
 
