@@ -25,6 +25,7 @@ def _keras_model(family, include_top, size, pooling=None):
   app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50,
          "mobilenet_v2": keras.applications.MobileNetV2}[family]
   kwargs = {"classes": 10} if include_top else {"pooling": pooling}
+  keras.utils.set_random_seed(0)  # Keras's random init: the same weights on every run
   model = app(weights=None, include_top=include_top, input_shape=(size, size, 3), **kwargs)
   rng = np.random.default_rng(0)
   for layer in model.layers:
