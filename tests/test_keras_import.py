@@ -25,6 +25,7 @@ def _keras_model(family, include_top, size, pooling=None):
   app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50,
          "mobilenet_v2": keras.applications.MobileNetV2}[family]
   kwargs = {"classes": 10} if include_top else {"pooling": pooling}
+  keras.utils.set_random_seed(0)  # Keras's random init: the same weights on every run
   model = app(weights=None, include_top=include_top, input_shape=(size, size, 3), **kwargs)
   rng = np.random.default_rng(0)
   for layer in model.layers:
@@ -142,6 +143,9 @@ def test_keras_weights_file_loads_through_keras(tmp_path):
   loaded = models.load_pretrained(cfg, log=lambda *_: None)
   np.testing.assert_array_equal(loaded["params"]["block3"]["conv2"]["kernel"],
                                 keras_model.get_layer("block3_conv2").get_weights()[0])
+  cfg.family = "resnet50"  # a file of another model: one line, no traceback
+  with pytest.raises(UserError, match="Keras could not load resnet50 weights from .*vgg16"):
+    models.load_pretrained(cfg, log=lambda *_: None)
 
 
 def test_default_paths_do_not_import_keras(tmp_path):

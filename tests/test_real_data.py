@@ -166,6 +166,9 @@ def test_tiny_sweep_on_tfds_cifar10_with_keras_vgg16(tmp_path):
   assert sorted(f["strategy"] for f in finals) == ["linear_probe", "partial:k=1"]
   probe = next(f for f in finals if f["strategy"] == "linear_probe")
   assert probe["trainable_params"] == 512 * 10 + 10 and probe["cached_prefix"]
+  top1 = next(f for f in finals if f["strategy"] == "partial:k=1")  # block5 and the head
+  assert top1["trainable_params"] == 3 * (3 * 3 * 512 * 512 + 512) + 512 * 10 + 10
+  assert top1["cached_prefix"]  # block1..block4 ran once per split
   assert any("carved" in n for n in probe["data_notes"])
 
 

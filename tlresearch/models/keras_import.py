@@ -1,7 +1,7 @@
 """Keras applications -> Flax: `from_keras(keras_model)` and the `keras:` pretrained weights.
 
-`from_keras` reads a Keras VGG16, ResNet50 or MobileNetV2 (with or without its top, any input size and
-class count Keras allows) and returns `(module, variables)` such that
+`from_keras` reads a Keras VGG16, ResNet50 or MobileNetV2 (with or without its top, any input
+size and class count Keras allows) and returns `(module, variables)` such that
 `module.apply(variables, x)` equals `keras_model(x)` for the same preprocessed NHWC float32
 batch. Keras is imported only here, and only when these functions run.
 
@@ -135,8 +135,15 @@ def load_source(family: str, include_top: bool, source: str, input_size: int,
   what = source[len("keras:"):]
   weights = "imagenet" if what == "imagenet" else os.path.expanduser(what)
   log(f"loading {family} weights from {source} through Keras")
-  return from_keras(keras_application(family, include_top, weights, input_size,
-                                      alpha=alpha))[1]
+  try:
+    keras_model = keras_application(family, include_top, weights, input_size, alpha=alpha)
+  except Exception as e:  # noqa: BLE001 - a failed download or a file of another model
+    where = imagenet_weights_path(family, include_top, input_size, alpha) if what == "imagenet" \
+        else weights
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    raise UserError(f"Keras could not load {family} weights from {where} ({type(e).__name__}: "
+                    f"{first}); it must be a complete Keras {family} weights file") from None
+  return from_keras(keras_model)[1]
 
 
 # ---------------------------------------------------------------- conversion
