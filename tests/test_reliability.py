@@ -100,14 +100,14 @@ def test_sigkill_mid_cell_then_resume_gives_the_uninterrupted_table(tmp_path, ca
   assert not _cell_checkpoints(work)
 
 
-def _fit_setup():
+def _fit_setup(spec="full"):
   model = models.build(tiny_model_cfg(), 4)
   variables = model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))
-  return model, variables, strategies.get("full", model.groups)
+  return model, variables, strategies.get(spec, model.groups)
 
 
-def _fit(dataset, ckpt, on_epoch=None, log=lambda *_: None):
-  model, variables, strategy = _fit_setup()
+def _fit(dataset, ckpt, on_epoch=None, log=lambda *_: None, spec="full"):
+  model, variables, strategy = _fit_setup(spec)
   cfg = tiny_train_cfg(epochs=6)
   cfg.early_stopping.enabled = False
   return train.fit(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0), log,
@@ -122,25 +122,31 @@ def _same_result(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_fit_interrupted_after_epoch_3_resumes_bitwise(dataset, tmp_path):
-  uninterrupted = _fit(dataset, None)
+# Multi-stage strategies resume inside their second stage (lp_ft: 3 probe + 3 full epochs;
+# gradual_unfreeze: one group per epoch); l2_sp needs its anchor (the starting weights) back.
+@pytest.mark.parametrize("spec, stop_after", [("full", 3), ("lp_ft", 5), ("gradual_unfreeze", 4),
+                                              ("l2_sp", 3)])
+def test_fit_interrupted_mid_run_resumes_bitwise(dataset, tmp_path, spec, stop_after):
+  uninterrupted = _fit(dataset, None, spec=spec)
 
   class Interrupt(Exception):
     pass
 
-  def stop_at_3(record, state):
-    if record["epoch"] == 3:
+  def stop(record, state):
+    if record["epoch"] == stop_after:
       raise Interrupt
 
   ckpt = checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp", keep=2)
   with pytest.raises(Interrupt):
-    _fit(dataset, ckpt, on_epoch=stop_at_3)
-  assert checkpoint.Rolling(str(tmp_path / "ck")).steps() == [1, 2]  # bounded: keep=2
+    _fit(dataset, ckpt, on_epoch=stop, spec=spec)
+  # bounded: keep=2
+  assert checkpoint.Rolling(str(tmp_path / "ck")).steps() == [stop_after - 2, stop_after - 1]
   logs = []
   resumed = _fit(dataset, checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp", log=logs.append),
-                 log=logs.append)
-  assert any("resuming from" in m and "2 epochs done" in m for m in logs)
+                 log=logs.append, spec=spec)
+  assert any("resuming from" in m and f"{stop_after - 1} epochs done" in m for m in logs)
   _same_result(resumed, uninterrupted)
+  assert len({r["stage"] for r in uninterrupted["history"]}) >= (2 if spec in ("lp_ft", "gradual_unfreeze") else 1)
 
 
 def _largest_file(directory):
