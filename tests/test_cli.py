@@ -17,7 +17,8 @@ def _cli(*args, cwd=None):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--experiment=nope"], "unknown experiment 'nope'; valid: finetune_sweep"),
+    (["--experiment=nope"], "unknown experiment 'nope'; valid: data_efficiency, dropout_ablation, "
+                            "early_stopping_ablation, finetune_sweep, layer_transfer, lp_ft"),
     (["--experiment=finetune_sweep", "--config.trian.lr=1"],
      "unknown config key 'trian.lr': 'trian' is not in config; valid: "),
     (["--experiment=finetune_sweep", "--config.train.lrr=1"], "valid: augment, batch_size"),
