@@ -105,6 +105,9 @@ def test_selection_expands_chooses_on_validation_and_applies():
   assert by[("full", 0)].config.train.weight_decay == 5e-4
   assert [c.id for c in final] == [c.id for c in cells]  # ids and axes unchanged
   assert selection.expand(_common.sweep(selection=_common.selection(False)), cells) == []
+  config.grid = [{"strategy": ["full"], "train.lr": [0.1]}]
+  with pytest.raises(UserError, match="remove them from config.grid"):
+    selection.expand(config, grid.expand(config))
 
 
 def test_check_rejects_frozen_fresh_head_and_bad_values():

@@ -284,7 +284,12 @@ def line_plot(finals, series: list, path: str, title: str, metric: str = "test_a
       ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=label)
   if log_x:
     ax.set_xscale("log")
-  if xticklabels:  # categorical x: point i is labelled xticklabels[i]
+    ax.minorticks_off()
+  if not xticklabels:  # ticks at the measured x values, written plainly (1, 5, 10, not 10^0)
+    xs_all = sorted({x for _, points, *_ in series for x, _ in points})
+    ax.set_xticks(xs_all)
+    ax.set_xticklabels([f"{x:g}" for x in xs_all])
+  else:  # categorical x: point i is labelled xticklabels[i]
     ax.set_xticks(range(len(xticklabels)))
     ax.set_xticklabels(xticklabels, fontsize=8)
   ax.set_xlabel(xlabel)

@@ -21,6 +21,7 @@ import json
 import ml_collections
 
 from tlresearch import grid
+from tlresearch.errors import UserError
 
 KEYS = (("lr", "train.lr"), ("weight_decay", "train.weight_decay"))
 
@@ -42,6 +43,13 @@ def expand(config, cells: list) -> list:
   """The selection cells for the final `cells` ([] when selection is off)."""
   if not enabled(config):
     return []
+  clash = [d for _, d in KEYS if d in grid.axes_of(config)]
+  if clash:
+    raise UserError(f"selection.enabled chooses {', '.join(clash)} per configuration; remove "
+                    "them from config.grid or set selection.enabled=False")
+  if not all(len(config.selection[name]) for name, _ in KEYS) or not config.selection.seeds:
+    raise UserError("selection needs at least one value in selection.lr, "
+                    "selection.weight_decay and selection.seeds")
   out, seen = [], set()
   for cell in cells:
     key = _group(cell.axes)

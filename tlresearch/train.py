@@ -10,7 +10,7 @@ Decisive properties (each has a test):
   computed once per split (`prefix_outputs`) and the remaining groups train on it;
 - compiled programs are cached by their static description and argument shapes, so cells
   that differ only in seed, data values, learning rate or weight decay reuse them (compile
-  once per shape): the peak lr and weight decay are inputs of the step (`StepInputs`), not
+  once per shape): the peak lr and weight decay are inputs of the step (`step_inputs`), not
   constants, so a learning-rate selection grid costs no extra compilation.
 """
 from __future__ import annotations
