@@ -106,5 +106,6 @@ def sweep(**overrides) -> ml_collections.ConfigDict:
   c.grid = []                  # blocks of axes, each crossed with targets x seeds
   c.report = report()          # table labels, reference row, metrics
   c.report.metrics = ["test_accuracy", "test_macro_f1"]  # tables (tlresearch.report.METRIC_NAMES)
+  c.checkpoint = checkpoint()  # per-cell progress saves, for kill and resume (operational)
   c.update(overrides)
   return c
