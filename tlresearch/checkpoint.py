@@ -18,7 +18,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import time
 
 import jax
@@ -58,7 +57,7 @@ def save(path: str, tree, meta: dict | None = None) -> None:
   import orbax.checkpoint as ocp
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+  tmp = io.shareable_tmpdir(parent, ".tmp-")
   try:
     tree = jax.device_get(tree)
     ckpt = ocp.StandardCheckpointer()

@@ -6,12 +6,30 @@ import os
 import tempfile
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+_UMASK = _umask()
+
+
+def shareable_tmpdir(parent: str, prefix: str) -> str:
+  """A temporary folder in `parent` with normal permissions (mkdtemp makes 0700), to be
+  renamed into place once complete."""
+  tmp = tempfile.mkdtemp(dir=parent, prefix=prefix)
+  os.chmod(tmp, 0o777 & ~_UMASK)
+  return tmp
+
+
 def write_text(path: str, text: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a results file is meant to be shared
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

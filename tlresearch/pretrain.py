@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 
 import jax
@@ -94,7 +93,7 @@ def save(path: str, variables: dict, pcfg, summary: dict) -> None:
   """
   parent = os.path.dirname(path)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+  tmp = io.shareable_tmpdir(parent, ".tmp-")
   try:
     checkpoint.save(os.path.join(tmp, "variables"), variables)
     io.write_json(os.path.join(tmp, "config.json"), pcfg.to_dict())

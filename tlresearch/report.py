@@ -11,7 +11,6 @@ import io as _io
 import math
 import os
 import shutil
-import tempfile
 
 from tlresearch import io, stats
 
@@ -320,7 +319,7 @@ def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
   names = ["runs.csv", "timing.csv", "table.md", "table.tex", "accuracy.png"]
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(out_dir)}-")
+  tmp = io.shareable_tmpdir(parent, f".tmp-{os.path.basename(out_dir)}-")
   try:
     io.write_text(os.path.join(tmp, "runs.csv"), runs_csv(finals, axes))
     io.write_text(os.path.join(tmp, "timing.csv"), runs_csv(finals, axes, TIMING_COLUMNS))
