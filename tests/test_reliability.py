@@ -264,6 +264,24 @@ def test_second_sweep_on_a_workdir_in_use_exits_at_once(tmp_path):
   assert io.directory_lock(str(tmp_path / "work-busy")).acquire()
 
 
+def test_two_sweeps_side_by_side_with_different_workdirs(tmp_path):
+  # Both need the same (missing) pretrained backbone: one builds it, the other waits on its
+  # lock and reuses it; neither disturbs the other's cells or tables.
+  runner = _runner(tmp_path)
+  tiny = ["--config.train.epochs=2", "--config.grid=[{'strategy': ['linear_probe']}]"]
+  procs = [subprocess.Popen([sys.executable, runner, *_args(tmp_path, tag, *tiny)], cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for tag in ("a", "b")]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+  built = [n for n in os.listdir(tmp_path / "cache" / "pretrained") if not n.endswith(".lock")]
+  assert len(built) == 1
+  assert sum("building" in o for o, _ in outs) == 1  # the other one reused it
+  a, b = ((tmp_path / f"results-{t}" / "finetune_sweep" / "runs.csv").read_text()
+          for t in ("a", "b"))
+  assert a == b and len(a.splitlines()) == 2
+
+
 def test_a_killed_lock_holder_leaves_no_stale_lock(tmp_path):
   holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
       import sys, time
