@@ -55,21 +55,12 @@ def checksum(tree) -> str:
 def save(path: str, tree, meta: dict | None = None) -> None:
   """Writes `tree` (arrays) and `meta` (JSON) to folder `path`, atomically."""
   import orbax.checkpoint as ocp
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = io.shareable_tmpdir(parent, ".tmp-")
-  try:
+  with io.atomic_dir(path) as tmp:
     tree = jax.device_get(tree)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(tmp, "arrays"), tree)
     ckpt.wait_until_finished()
     io.write_json(os.path.join(tmp, "meta.json"), {**(meta or {}), "checksum": checksum(tree)})
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def read_meta(path: str) -> dict:

@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees a half-written file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -96,6 +97,22 @@ class FileLock:
     if self._fd is not None:
       os.close(self._fd)  # closing the descriptor releases the flock
       self._fd = None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+  """Yields a temporary sibling folder to fill; when the block ends without an error the
+  folder replaces `path` whole (`replace_dir`), otherwise it is deleted."""
+  import shutil
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  tmp = shareable_tmpdir(parent, f".tmp-{os.path.basename(path)}-")
+  try:
+    yield tmp
+    replace_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def directory_lock(directory: str) -> FileLock:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 
 import jax
@@ -91,19 +90,10 @@ def save(path: str, variables: dict, pcfg, summary: dict) -> None:
 
   The arrays go through `checkpoint.save`, which records their checksum for `restore`.
   """
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = io.shareable_tmpdir(parent, ".tmp-")
-  try:
+  with io.atomic_dir(path) as tmp:
     checkpoint.save(os.path.join(tmp, "variables"), variables)
     io.write_json(os.path.join(tmp, "config.json"), pcfg.to_dict())
     io.write_json(os.path.join(tmp, "summary.json"), summary)
-    if os.path.exists(path):
-      shutil.rmtree(path)
-    os.replace(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def restore(path: str) -> dict:

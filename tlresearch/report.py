@@ -10,7 +10,6 @@ import csv
 import io as _io
 import math
 import os
-import shutil
 
 from tlresearch import io, stats
 
@@ -317,10 +316,7 @@ def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
   labels = labels or {}
   title = f"{name}: test metrics per strategy configuration and target"
   names = ["runs.csv", "timing.csv", "table.md", "table.tex", "accuracy.png"]
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = io.shareable_tmpdir(parent, f".tmp-{os.path.basename(out_dir)}-")
-  try:
+  with io.atomic_dir(out_dir) as tmp:
     io.write_text(os.path.join(tmp, "runs.csv"), runs_csv(finals, axes))
     io.write_text(os.path.join(tmp, "timing.csv"), runs_csv(finals, axes, TIMING_COLUMNS))
     io.write_text(os.path.join(tmp, "table.md"), table_markdown(
@@ -329,8 +325,4 @@ def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
     plot(finals, axes, labels, os.path.join(tmp, "accuracy.png"), title)
     if extra is not None:
       names += list(extra(tmp))
-    io.replace_dir(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return [os.path.join(out_dir, n) for n in names]
