@@ -27,6 +27,10 @@ def train(**overrides) -> ml_collections.ConfigDict:
   t.momentum = 0.9             # sgd only
   t.cache_frozen_prefix = True  # run a frozen prefix once per split instead of every step
   t.min_steps = 0              # raise the epoch budget to at least this many optimizer steps
+  t.data_parallel = True       # split each batch over all local devices (fewer if the batch
+  #                              does not divide by their number); False: one device. Only
+  #                              float reduction order depends on it, so it is operational
+  #                              (grid.OPERATIONAL_KEYS): it never invalidates a finished cell
   t.bn_stats = "update"        # update: BatchNorm of trainable groups uses batch statistics and
   #                              updates them; frozen: every BatchNorm in inference mode
   t.augment = ml_collections.ConfigDict()

@@ -175,15 +175,23 @@ def check_all(cells) -> None:
                         f"but {c.config.target} has {target.num_classes}")
 
 
-# Config keys that change how a cell runs, never what it computes: a cell finished or
-# checkpointed under other values of these is still the same cell.
-OPERATIONAL_KEYS = ("checkpoint",)
+# Config keys (dotted paths) that change how a cell runs, never what it computes: a cell
+# finished or checkpointed under other values of these, or before they existed, is still the
+# same cell. Data parallelism changes only the float reduction order of a few sums.
+OPERATIONAL_KEYS = ("checkpoint", "train.data_parallel", "pretrain.train.data_parallel")
 
 
 def identity(config_dict: dict) -> dict:
-  """The part of a cell's config that determines its results (JSON-normalised)."""
-  return {k: v for k, v in json.loads(json.dumps(config_dict)).items()
-          if k not in OPERATIONAL_KEYS}
+  """The part of a config that determines its results (JSON-normalised)."""
+  out = json.loads(json.dumps(config_dict))
+  for dotted in OPERATIONAL_KEYS:
+    *parents, leaf = dotted.split(".")
+    node = out
+    for p in parents:
+      node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+      node.pop(leaf, None)
+  return out
 
 
 def fingerprint(cfg) -> str:

@@ -17,7 +17,7 @@ import ml_collections
 from sklearn import metrics as skm
 
 from tlresearch import data as data_lib
-from tlresearch import checkpoint, io, models, strategies, train
+from tlresearch import checkpoint, grid, io, models, strategies, train
 
 # Bump when a code change alters what a given pretraining config produces.
 FORMAT_VERSION = 1
@@ -43,7 +43,8 @@ def for_model(pretrain_cfg, model_cfg) -> ml_collections.ConfigDict:
 
 
 def cache_key(pcfg) -> str:
-  config = pcfg.to_dict()
+  # Operational keys (e.g. train.data_parallel) never change which weights a config makes.
+  config = grid.identity(pcfg.to_dict())
   # Options at their default are left out, so checkpoints made before an option existed
   # keep their key; any other value (e.g. a class subset) is part of it.
   for dotted, default in LATER_OPTIONS.items():

@@ -110,6 +110,8 @@ def main(argv: list[str]) -> int:
   for dotted, text in overrides:
     apply_override(config, dotted, text)
   # Heavy imports (jax, tensorflow) only once the command line is known to be valid.
+  from tlresearch import parallel
+  parallel.initialize_distributed_from_env()  # TLRESEARCH_DISTRIBUTED=1: multi-host JAX
   from tlresearch import sweep
   results_dir = flags.get("results_dir", "results")
   overwrite = flags.get("overwrite", "false").lower() in ("1", "true", "yes")

@@ -11,7 +11,10 @@ Decisive properties (each has a test):
 - compiled programs are cached by their static description and argument shapes, so cells
   that differ only in seed, data values, learning rate or weight decay reuse them (compile
   once per shape): the peak lr and weight decay are inputs of the step (`step_inputs`), not
-  constants, so a learning-rate selection grid costs no extra compilation.
+  constants, so a learning-rate selection grid costs no extra compilation;
+- with several local devices, training is data parallel (`tlresearch.parallel`): data and
+  state replicated, each batch split over the devices inside the one jitted step, results
+  equal to one device's up to float reduction order.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tlresearch import optim, penalty
+from tlresearch import optim, parallel, penalty
 from tlresearch.checkpoint import CheckpointError
 from tlresearch.data import preprocess as preprocessing
 from tlresearch.data.augment import AugmentSpec, augment
@@ -62,6 +65,7 @@ class StepSpec:
   batch_size: int
   steps_per_epoch: int
   penalty: tuple = ()              # the stage's loss penalty (tlresearch.penalty), if any
+  mesh: Any = None                 # data-parallel jax.sharding.Mesh; None: one device
 
   def lr_schedule(self, peak_lr):
     # The shape is built for a peak of 1 and scaled: optax's schedule branches on its peak
@@ -93,12 +97,26 @@ _COMPILED: dict = {}
 
 def _compiled(fn, static, *args):
   shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
-  key = (fn.__name__, static, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)))
+  # A compiled program accepts only the input shardings it was lowered with: one for
+  # replicated inputs must not serve single-device ones, or the reverse. One-device inputs
+  # (host NumPy arrays included) all key as None, so they share programs as they always did.
+  shardings = tuple(_multi_device_sharding(a) for a in jax.tree.leaves(args))
+  key = (fn.__name__, static, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)),
+         shardings)
   if key not in _COMPILED:
     t0 = time.perf_counter()
-    _COMPILED[key] = jax.jit(fn, static_argnums=0).lower(static, *args).compile()
+    mesh = getattr(static, "mesh", None)
+    # Data-parallel programs return replicated values, so that what one call returns (the
+    # state, the cached prefix) is a valid input of the next, compiled for replicated inputs.
+    out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
+    _COMPILED[key] = jax.jit(fn, static_argnums=0, **out).lower(static, *args).compile()
     COMPILE_SECONDS[0] += time.perf_counter() - t0
   return _COMPILED[key]
+
+
+def _multi_device_sharding(a):
+  sharding = getattr(a, "sharding", None)
+  return sharding if sharding is not None and len(sharding.device_set) > 1 else None
 
 
 def clear_compile_cache():
@@ -134,8 +152,8 @@ def init_state(spec: StepSpec, variables, inputs: dict | None = None) -> TrainSt
   params = variables["params"]
   inputs = inputs if inputs is not None else step_inputs(0.0, 0.0)
   opt_state = _compiled(_init_opt_state, spec, params, inputs)(params, inputs)
-  return TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}),
-                    opt_state)
+  return parallel.replicate(TrainState(jnp.zeros((), jnp.int32), params,
+                                       variables.get("batch_stats", {}), opt_state), spec.mesh)
 
 
 def loss_and_logits(spec, params, batch_stats, x, y, train, dropout_key):
@@ -185,8 +203,13 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, keys, inputs):
 
 def _train_step_at(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key, aug_key,
                    inputs):
-  """`_train_step` on the batch x[batch_idx]: the gather happens on device."""
-  return _train_step(spec, state, x[batch_idx], y[batch_idx], (dropout_key, aug_key), inputs)
+  """`_train_step` on the batch x[batch_idx]: the gather happens on device.
+
+  With a mesh, the gathered batch is split over the devices along its batch dimension; XLA
+  partitions the rest of the step from there (gradient and BatchNorm all-reduces included).
+  """
+  xb, yb = (parallel.shard_batch(a[batch_idx], spec.mesh) for a in (x, y))
+  return _train_step(spec, state, xb, yb, (dropout_key, aug_key), inputs)
 
 
 def _epoch_order(spec: StepSpec, n_key, order_key):
@@ -206,6 +229,9 @@ def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key, in
   millisecond. Data stays on device, batches are gathered there, and the host waits once
   per epoch (for the metrics).
   """
+  # With a mesh every program input is replicated (the keys are made on one device).
+  order_key, dropout_key, aug_key = parallel.replicate((order_key, dropout_key, aug_key),
+                                                       spec.mesh)
   order = _compiled(_epoch_order, spec, y, order_key)(y, order_key)
   step = _compiled(_train_step_at, spec, state, x, y, order[0], dropout_key, aug_key, inputs)
   losses, accs = [], []
@@ -228,19 +254,28 @@ class EvalSpec:
   model: Any
   start: str | None = None  # None: the model's first group
   stop: str | None = None   # None: its last
+  mesh: Any = None          # data-parallel jax.sharding.Mesh (chunks split over it); None
+
+
+def _chunk_size(n: int, devices: int) -> int:
+  """Examples per evaluation chunk: a small split is not padded up to a whole chunk, and
+  a chunk splits evenly over the devices."""
+  chunk = max(1, min(EVAL_CHUNK, n))
+  return -(-chunk // devices) * devices
 
 
 def _forward_chunks(spec: EvalSpec, variables, x):
   """Inference-mode output of groups start..stop for all of x, in fixed-size chunks."""
   n = x.shape[0]
-  chunk = max(1, min(EVAL_CHUNK, n))  # a small split is not padded up to a whole chunk
+  chunk = _chunk_size(n, parallel.size(spec.mesh))
   pad = (-n) % chunk
   xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-  xs = xs.reshape((-1, chunk) + x.shape[1:])
+  xs = parallel.shard_batch(xs.reshape((-1, chunk) + x.shape[1:]), spec.mesh, axis=1)
   groups = spec.model.groups
   start, stop = spec.start or groups[0], spec.stop or groups[-1]
 
   def one(xb):
+    xb = parallel.shard_batch(xb, spec.mesh)
     if start == groups[0]:
       xb = preprocess(xb, spec.model)
     return spec.model.apply(variables, xb, train=False, start=start, stop=stop)
@@ -249,9 +284,10 @@ def _forward_chunks(spec: EvalSpec, variables, x):
   return out.reshape((-1,) + out.shape[2:])[:n]
 
 
-def prefix_outputs(model, variables, x, stop: str):
-  """Output of the frozen groups first..stop (inference mode): the cached training input."""
-  spec = EvalSpec(model, None, stop)
+def prefix_outputs(model, variables, x, stop: str, mesh=None):
+  """Output of the frozen groups first..stop (inference mode): the cached training input.
+  With a mesh, `variables` and `x` must be replicated over it (so is the output)."""
+  spec = EvalSpec(model, None, stop, mesh)
   return _compiled(_forward_chunks, spec, variables, x)(variables, x)
 
 
@@ -262,9 +298,10 @@ def _evaluate(spec: EvalSpec, variables, x, y):
   return {"loss": loss, "accuracy": jnp.mean(pred == y)}, pred
 
 
-def evaluate(model, variables, x, y, start: str | None = None):
-  """({'loss', 'accuracy'}, predictions) of the whole model on (x, y)."""
-  spec = EvalSpec(model, start)
+def evaluate(model, variables, x, y, start: str | None = None, mesh=None):
+  """({'loss', 'accuracy'}, predictions) of the whole model on (x, y). With a mesh,
+  the arrays must be replicated over it."""
+  spec = EvalSpec(model, start, mesh=mesh)
   metrics, pred = _compiled(_evaluate, spec, variables, x, y)(variables, x, y)
   return {k: float(v) for k, v in metrics.items()}, np.asarray(pred)
 
@@ -328,6 +365,21 @@ def _progress_tree(state, best_params, best_stats, anchor) -> dict:
   return {**tree, "anchor": anchor} if anchor else tree
 
 
+def _on_device(a, mesh):
+  """A dataset array on device: on every device of the mesh, if there is one."""
+  return parallel.replicate(jnp.asarray(a), mesh)
+
+
+def _log_devices(mesh, note, notes, log) -> None:
+  """Says once how many devices train, and why fewer than all when so."""
+  if mesh is not None:
+    log(f"data parallel over {mesh.size} devices")
+  if note is not None:
+    log(f"note: {note}")
+    if note not in notes:  # a resumed run already carries it
+      notes.append(note)
+
+
 def _first_nonfinite(losses) -> int:
   return int(np.flatnonzero(~np.isfinite(np.asarray(losses)))[0])
 
@@ -346,12 +398,16 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
   batch_size = min(int(cfg.batch_size), n)
   steps = -(-n // batch_size)
   budget = optim.epoch_budget(int(cfg.epochs), steps, int(cfg.get("min_steps", 0)))
+  mesh, note = parallel.for_batch(batch_size, bool(cfg.get("data_parallel", True)))
+  _log_devices(mesh, note, notes, log)
   for stage_index, (stage, n_epochs) in enumerate(zip(strategy.stages,
                                                       stage_epochs(strategy.stages, budget))):
     if n_epochs <= 0:
       continue
     if resume is not None and stage_index < resume["stage"]:
       continue  # finished before the interruption; the checkpoint holds what it produced
+    # With a mesh every array a program reads is replicated over it (a no-op when it is).
+    variables = parallel.replicate(variables, mesh)
     flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
     rule_by_path = resolve(stage.rules, flat_params)
     first = _first_trainable_group(rule_by_path, groups)
@@ -369,15 +425,17 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
         total_steps=n_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
         momentum=float(cfg.momentum), start=start, frozen_bn=frozen_bn,
         augment=aug if start == groups[0] else None, batch_size=batch_size,
-        steps_per_epoch=steps, penalty=tuple(stage.penalty))
-    inputs = step_inputs(float(cfg.lr), float(cfg.weight_decay) if stage.weight_decay else 0.0,
-                         penalty.anchor(stage, flat_params, rule_by_path))
+        steps_per_epoch=steps, penalty=tuple(stage.penalty), mesh=mesh)
+    inputs = parallel.replicate(
+        step_inputs(float(cfg.lr), float(cfg.weight_decay) if stage.weight_decay else 0.0,
+                    penalty.anchor(stage, flat_params, rule_by_path)), mesh)
     lr = spec.lr_schedule(float(cfg.lr))
     state = init_state(spec, variables, inputs)
     best, wait, first_epoch, stopped = None, 0, 0, False
     if resume is not None:  # this is the stage the checkpoint was saved in
-      tree = checkpointer.restore(resume, _progress_tree(state, state.params, state.batch_stats,
-                                                         inputs["anchor"]))
+      tree = parallel.replicate(
+          checkpointer.restore(resume, _progress_tree(state, state.params, state.batch_stats,
+                                                      inputs["anchor"])), mesh)
       state = tree["state"]
       # The penalty's anchor is the stage's starting weights, saved with the progress.
       inputs = {**inputs, "anchor": tree.get("anchor", {})}
@@ -389,12 +447,14 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
       resume = None
     if use_cache:
       stop = groups[first - 1]
-      train_in, val_in, test_in = (prefix_outputs(model, variables, jnp.asarray(a), stop)
+      train_in, val_in, test_in = (prefix_outputs(model, variables, _on_device(a, mesh), stop,
+                                                  mesh)
                                    for a in (data.train_x, data.val_x, data.test_x))
       cached = True
     else:
-      train_in, val_in, test_in = (jnp.asarray(a) for a in (data.train_x, data.val_x, data.test_x))
-    ty, vy = jnp.asarray(data.train_y), jnp.asarray(data.val_y)
+      train_in, val_in, test_in = (_on_device(a, mesh)
+                                   for a in (data.train_x, data.val_x, data.test_x))
+    ty, vy = _on_device(data.train_y, mesh), _on_device(data.val_y, mesh)
     for stage_epoch in range(first_epoch, n_epochs):
       if stopped:
         break
@@ -402,7 +462,8 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
       t0 = time.perf_counter()
       state, m = train_epoch(spec, state, train_in, ty, jax.random.fold_in(keys.order, epoch),
                              keys.dropout, keys.augment, inputs)
-      val, _ = evaluate(model, _variables(state.params, state.batch_stats), val_in, vy, start)
+      val, _ = evaluate(model, _variables(state.params, state.batch_stats), val_in, vy, start,
+                        mesh)
       record = {"epoch": epoch + 1, "stage": stage.name,
                 "train_loss": float(m["train_loss"]), "train_accuracy": float(m["train_accuracy"]),
                 "val_loss": val["loss"], "val_accuracy": val["accuracy"],
@@ -438,8 +499,9 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
       best_epoch = best[3] if best is not None else len(history)
     if diverged is not None:
       break
-  test, pred = evaluate(model, variables, test_in, jnp.asarray(data.test_y), start)
-  return {"variables": variables, "history": history, "best_epoch": best_epoch,
+  test, pred = evaluate(model, variables, test_in, _on_device(data.test_y, mesh), start, mesh)
+  return {"variables": parallel.unreplicate(variables, mesh), "history": history,
+          "best_epoch": best_epoch,
           "epochs_run": len(history), "test": test, "test_predictions": pred,
           "cached_prefix": cached, "notes": notes, "diverged": diverged,
           "fit_seconds": time.perf_counter() - t_start}
