@@ -30,6 +30,8 @@ def not_loaded(cfg, strategy, groups) -> tuple[str, ...]:
 def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, log=print) -> dict:
   """Trains one cell and writes config.json, metrics.jsonl and final.json to `cell_dir`."""
   t0 = time.perf_counter()
+  if not train.compile_reuse():
+    train.clear_compile_cache()
   compile0 = train.COMPILE_SECONDS[0]
   io.write_json(os.path.join(cell_dir, "config.json"), {"cell_id": cell_id, "axes": axes,
                                                         "config": cfg.to_dict()})
@@ -49,7 +51,7 @@ def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, l
       log=log) if policy.enabled else None
   result = train.fit(model, variables, strategy, ds, cfg.train, keys, log, checkpointer=ckpt)
   # The selection protocol (tlresearch.selection) reads only this validation score.
-  val, _ = train.evaluate(model, result["variables"], jnp.asarray(ds.val_x), jnp.asarray(ds.val_y))
+  val = result["val"]
   pred = result["test_predictions"]
   labels = list(range(ds.num_classes))
   final = {

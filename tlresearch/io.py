@@ -47,6 +47,11 @@ def write_jsonl(path: str, records) -> None:
                            for r in records))
 
 
+def read_jsonl(path: str) -> list:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def read_json(path: str):
   with open(path) as f:
     return json.load(f)

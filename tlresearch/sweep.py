@@ -13,9 +13,13 @@ from tlresearch import grid, io, models, pretrain, report, selection, strategies
 from tlresearch.errors import UserError
 
 
-def enable_compile_cache(cache_dir: str | None) -> str:
-  """JAX's persistent compilation cache in the project cache: a rerun compiles ~nothing."""
+def enable_compile_cache(cache_dir: str | None) -> str | None:
+  """JAX's persistent compilation cache in the project cache: a rerun compiles ~nothing.
+  `TLRESEARCH_COMPILE_CACHE=off` (the benchmark's baseline) disables it, and the reuse of
+  compiled programs across cells (`train.compile_reuse`)."""
   import jax
+  if not train.compile_reuse():
+    return None
   path = os.path.join(cache_dir or pretrain.default_cache_dir(), "jax_compilation_cache")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
