@@ -176,6 +176,8 @@ def check(cfg) -> None:
   for ok, message in rules:
     if not ok:
       raise UserError(message)
+  from tlresearch import seeds  # imported here: seeds imports grid
+  seeds.resolve_mode(t)  # train.seeds_mode
 
 
 def check_all(cells) -> None:
@@ -205,15 +207,22 @@ def check_all(cells) -> None:
                         f"but {c.config.target} has {target.num_classes}")
 
 
-# Config keys that change how a cell runs, never what it computes: a cell finished or
-# checkpointed under other values of these is still the same cell.
-OPERATIONAL_KEYS = ("checkpoint",)
+# Config keys (dotted paths) that change how a cell runs, never what it computes: a cell
+# finished or checkpointed under other values of these is still the same cell.
+OPERATIONAL_KEYS = ("checkpoint", "train.seeds_mode")
 
 
 def identity(config_dict: dict) -> dict:
   """The part of a cell's config that determines its results (JSON-normalised)."""
-  return {k: v for k, v in json.loads(json.dumps(config_dict)).items()
-          if k not in OPERATIONAL_KEYS}
+  out = json.loads(json.dumps(config_dict))
+  for dotted in OPERATIONAL_KEYS:
+    *parents, leaf = dotted.split(".")
+    node = out
+    for p in parents:
+      node = node.get(p) if isinstance(node, dict) else None
+    if isinstance(node, dict):  # configs saved before a key existed simply lack it
+      node.pop(leaf, None)
+  return out
 
 
 def fingerprint(cfg) -> str:

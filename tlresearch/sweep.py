@@ -16,6 +16,7 @@ from tqdm import tqdm
 from tlresearch import cell as cell_lib
 from tlresearch import findings as findings_lib
 from tlresearch import grid, io, models, pretrain, report, selection, strategies, train
+from tlresearch import seeds as seeds_lib
 from tlresearch.errors import UserError
 
 
@@ -211,9 +212,14 @@ def _cell_runner(labels: dict, progress: bool):
       if needs[c.id]:
         backbone(c.config)
     finals = []
+    groups = seeds_lib.groups(todo)  # vmap mode: the seeds of one configuration train together
     bar = tqdm(cells, desc=desc, unit="cell", disable=not progress, dynamic_ncols=True)
     for c in bar:
       final = done[c.id]
+      if final is None and c.id in groups:  # its group trains now, the whole group's cells
+        done.update(_run_seed_group(groups[c.id], root,
+                                    backbone(c.config) if needs[c.id] else None, labels))
+        final = done[c.id]
       if final is None:
         final = cell_lib.run(c.config, c.id, c.axes, os.path.join(root, c.id),
                              backbone(c.config) if needs[c.id] else None, log=tqdm.write)
@@ -248,6 +254,16 @@ def write_results(config, name: str, results_dir: str, finals: list[dict],
                       dict(config.report.axis_labels), reference,
                       metrics=config.report.get("metrics", None),
                       show_hparams=selection.enabled(config), extra=extra)
+
+
+def _run_seed_group(group, root: str, pretrained, labels: dict) -> dict:
+  """{cell id: final.json} of cells that differ only in seed, trained together."""
+  finals = cell_lib.run_seeds([c.config for c in group], [c.id for c in group],
+                              [c.axes for c in group], [os.path.join(root, c.id) for c in group],
+                              pretrained, log=tqdm.write)
+  for f in finals:
+    tqdm.write(_summary_line(f, labels))
+  return {c.id: f for c, f in zip(group, finals)}
 
 
 def _summary_line(f: dict, labels: dict) -> str:
