@@ -110,7 +110,7 @@ def linear_probe_cell(cell, pretrained, ds, model) -> dict:
     history = io.read_jsonl(os.path.join(cell_dir, "metrics.jsonl"))
   strategy = strategies.get("linear_probe", model.groups)
   keys = train.CellKeys.from_seed(cell.config.seed)
-  fresh = model.init(keys.init, jnp.zeros((1,) + ds.train_x.shape[1:], jnp.float32))
+  fresh = train.init_variables(model, keys.init, ds.train_x.shape[1:])
   variables = models.merge_pretrained(fresh, pretrained,
                                       cell_lib.not_loaded(cell.config, strategy, model.groups))
   splits = [jnp.asarray(a) for a in (ds.train_x, ds.val_x, ds.test_x)]
@@ -190,7 +190,7 @@ def sweep_seconds(tmp: str, baseline: bool = False) -> float:
 def measure(skip_sweep: bool = False, baseline: bool = False) -> dict:
   import jax
   from tlresearch import data as data_lib
-  from tlresearch import models, pretrain, sweep
+  from tlresearch import models, pretrain, sweep, train
   sweep.enable_compile_cache(None)
   cell = _default_cell("linear_probe")
   cfg = cell.config
@@ -198,9 +198,8 @@ def measure(skip_sweep: bool = False, baseline: bool = False) -> dict:
   model = models.build(cfg.model, ds.num_classes)
   pretrained = pretrain.get_or_build(pretrain.for_model(cfg.pretrain, cfg.model),
                                      cfg.cache_dir or None, log=lambda *_: None)[0]
-  import jax.numpy as jnp
   variables = models.merge_pretrained(
-      model.init(jax.random.key(0), jnp.zeros((1,) + ds.train_x.shape[1:], jnp.float32)),
+      train.init_variables(model, jax.random.key(0), ds.train_x.shape[1:]),
       pretrained, (model.groups[-1],))
   out = {"device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
          "jax": jax.__version__, "train_examples": int(len(ds.train_x)),

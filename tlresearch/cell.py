@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import time
 
-import jax.numpy as jnp
 from sklearn import metrics as skm
 
 from tlresearch import data as data_lib
@@ -90,7 +89,7 @@ def _load(cfg, log):
 
 def _start_variables(cfg, model, strategy, keys, ds, pretrained):
   # The same init key for every strategy: the head starts identical across a comparison.
-  fresh = model.init(keys.init, jnp.zeros((1,) + ds.train_x.shape[1:], jnp.float32))
+  fresh = train.init_variables(model, keys.init, ds.train_x.shape[1:])
   return (models.merge_pretrained(fresh, pretrained, not_loaded(cfg, strategy, model.groups))
           if strategy.pretrained else fresh)
 

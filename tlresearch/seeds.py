@@ -26,15 +26,14 @@ import functools
 import json
 import time
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tlresearch import grid, optim, penalty, train
+from tlresearch import grid, optim, train
 from tlresearch.data.augment import AugmentSpec
 from tlresearch.errors import UserError, choices
-from tlresearch.strategies import frozen_groups, resolve, stage_epochs
+from tlresearch.strategies import stage_epochs
 
 MODES = ("auto", "vmap", "loop")
 SPLITS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
@@ -177,6 +176,7 @@ class _Seed:
   best_epoch: int = 0
   cached: bool = False
   diverged: dict | None = None
+  val: dict | None = None
   test: dict | None = None
   pred: np.ndarray | None = None
 
@@ -204,30 +204,18 @@ def _fit_stacked(model, variables_per_seed, strategy, datas, cfg, keys_per_seed)
     live = [s for s in range(n_seeds) if seeds[s].diverged is None]
     if n_epochs <= 0 or not live:
       continue  # a diverged seed runs no later stage, as in train._fit
-    flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
-    rule_by_path = resolve(stage.rules, flat_params)
-    first = train._first_trainable_group(rule_by_path, groups)
-    use_cache = first > 0 and aug is None and cfg.cache_frozen_prefix
-    if first > 0 and aug is not None:
+    # Stacked variables give stacked penalty anchors: each seed's own stage start.
+    spec, inputs = train.stage_spec(model, stage, variables, cfg, n, n_epochs)
+    start, use_cache = spec.start, spec.start != groups[0]
+    if aug is not None and spec.frozen_prefix:
       for s in live:
-        seeds[s].notes.append(
-            f"frozen prefix ({', '.join(groups[:first])}) not cached: augmentation is on")
-    start = groups[first] if use_cache else groups[0]
-    frozen_bn = (tuple(groups) if cfg.get("bn_stats", "update") == "frozen"
-                 else frozen_groups(rule_by_path, groups))
-    spec = train.StepSpec(
-        model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer,
-        total_steps=n_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
-        momentum=float(cfg.momentum), start=start, frozen_bn=frozen_bn,
-        augment=aug if start == groups[0] else None, batch_size=batch_size,
-        steps_per_epoch=steps, penalty=tuple(stage.penalty))
-    # lr and weight decay are shared, the penalty's anchor (stage start) is each seed's own.
-    wd = float(cfg.weight_decay) if stage.weight_decay else 0.0
-    inputs = {"lr": jnp.full((n_seeds,), float(cfg.lr), jnp.float32),
-              "weight_decay": jnp.full((n_seeds,), wd, jnp.float32),
-              "anchor": penalty.anchor(stage, flat_params, rule_by_path)}
+        seeds[s].notes.append(f"frozen prefix ({', '.join(spec.frozen_prefix)}) not cached: "
+                              "augmentation is on")
+    # lr and weight decay are shared: one value per seed.
+    inputs = {**inputs, "lr": jnp.full((n_seeds,), inputs["lr"]),
+              "weight_decay": jnp.full((n_seeds,), inputs["weight_decay"])}
     if use_cache:
-      stop = groups[first - 1]
+      stop = groups[groups.index(start) - 1]
       train_in, val_in, test_in = (prefix_outputs(model, variables, raw[k], stop)
                                    for k in ("train_x", "val_x", "test_x"))
       for s in live:
@@ -240,12 +228,13 @@ def _fit_stacked(model, variables_per_seed, strategy, datas, cfg, keys_per_seed)
     variables = _end_stage(state, best, seeds, live, es)
     ended = [s for s in live if seeds[s].diverged is not None]
     if ended:  # tested as train._fit tests them: on this stage's inputs
-      _test(model, variables, test_in, raw["test_y"], start, seeds, ended)
-  _test(model, variables, test_in, raw["test_y"], start, seeds,
+      _test(model, variables, (val_in, raw["val_y"]), (test_in, raw["test_y"]), start, seeds,
+            ended)
+  _test(model, variables, (val_in, raw["val_y"]), (test_in, raw["test_y"]), start, seeds,
         [s for s in range(n_seeds) if seeds[s].test is None])
   seconds = time.perf_counter() - t_start
   return [{"variables": jax.tree.map(lambda a, s=s: a[s], variables), "history": r.history,
-           "best_epoch": r.best_epoch, "epochs_run": len(r.history), "test": r.test,
+           "best_epoch": r.best_epoch, "epochs_run": len(r.history), "val": r.val, "test": r.test,
            "test_predictions": r.pred, "cached_prefix": r.cached, "notes": r.notes,
            "diverged": r.diverged, "fit_seconds": seconds} for s, r in enumerate(seeds)]
 
@@ -327,11 +316,14 @@ def _end_stage(state, best, seeds, live, es):
   return train._variables(params, stats)
 
 
-def _test(model, variables, test_in, test_y, start, seeds, which):
+def _test(model, variables, val, test, start, seeds, which):
+  """The final validation and test metrics of the seeds in `which`, as train._fit ends."""
   if not which:
     return
-  metrics, pred = evaluate(model, variables, test_in, test_y, start)
+  val_metrics, _ = evaluate(model, variables, *val, start)
+  metrics, pred = evaluate(model, variables, *test, start)
   for s in which:
+    seeds[s].val = {k: float(v[s]) for k, v in val_metrics.items()}
     seeds[s].test = {k: float(v[s]) for k, v in metrics.items()}
     seeds[s].pred = pred[s]
 
@@ -347,26 +339,20 @@ def speedup(model_cfg=None, seeds: int = 3, n_train: int = 256, batch_size: int 
   uint8 images, with the default backbone unless `model_cfg` is given. Returns images/s of
   both (all seeds' images) and vmap / loop; on a shared machine the numbers are rough.
   """
+  from experiments import _common
   from tlresearch import models, strategies  # only the benchmark needs them here
   if model_cfg is None:
-    from experiments import _common
     model_cfg = _common.model()
   model = models.build(model_cfg, num_classes)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(0, 256, (seeds, n_train, image_size, image_size, 3), np.uint8))
   y = jnp.asarray(rng.integers(0, num_classes, (seeds, n_train)), jnp.int32)
   keys = [train.CellKeys.from_seed(s) for s in range(seeds)]
-  starts = [model.init(k.init, jnp.zeros((1, image_size, image_size, 3))) for k in keys]
+  starts = [train.init_variables(model, k.init, (image_size, image_size, 3)) for k in keys]
   stage = strategies.get(strategy, model.groups).stages[0]
-  rule_by_path = resolve(stage.rules, traverse_util.flatten_dict(starts[0]["params"], sep="/"))
-  batch = min(batch_size, n_train)
-  steps = -(-n_train // batch)
-  spec = train.StepSpec(
-      model=model, rules=tuple(stage.rules), optimizer="sgd", total_steps=10 * steps,
-      warmup_steps=0, momentum=0.9, start=model.groups[0],
-      frozen_bn=frozen_groups(rule_by_path, model.groups), augment=None, batch_size=batch,
-      steps_per_epoch=steps)
-  inputs = train.step_inputs(0.01, 5e-4)
+  cfg = _common.train(batch_size=batch_size, lr=0.01)
+  spec, inputs = train.stage_spec(model, stage, starts[0], cfg, n_train, n_epochs=10)
+  steps, batch = spec.steps_per_epoch, spec.batch_size
   loop_states = [train.init_state(spec, v, inputs) for v in starts]
 
   def loop():
