@@ -40,6 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
       {"strategy": ["linear_probe", "full"], "train.augment.enabled": [True]},
       {"strategy": ["linear_probe", "full"], "train.early_stopping.enabled": [False]},
   ]
+  c.selection = _common.selection(enabled=False)  # per-configuration lr/wd selection: off
+  #                              here (one shared lr); --config.selection.enabled=True turns it on
   c.report = _common.report()  # table labels
   c.checkpoint = _common.checkpoint()  # per-cell progress saves, for kill and resume
   return c

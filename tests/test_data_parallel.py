@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch import grid, models, parallel, strategies, train
+from tlresearch import grid, models, parallel, seeds, strategies, train
 from tests.conftest import make_dataset, tiny_model_cfg, tiny_train_cfg
 
 DEVICES = 4
@@ -198,3 +198,12 @@ def test_data_parallel_switch_is_operational():
   cfg.train.data_parallel = False
   assert grid.identity(cfg.to_dict()) == grid.identity(before)
   assert "data_parallel" not in json.dumps(grid.identity(cfg.to_dict()))
+
+
+def test_auto_seeds_mode_loops_where_each_seed_trains_data_parallel():
+  # The vmapped seeds program runs on one device: with several, each looped seed uses all.
+  cfg = tiny_train_cfg()
+  assert seeds.resolve_mode(cfg, backend="gpu", devices=4) == "loop"
+  assert seeds.resolve_mode(cfg, backend="gpu", devices=1) == "vmap"
+  cfg.data_parallel = False
+  assert seeds.resolve_mode(cfg, backend="gpu", devices=4) == "vmap"

@@ -54,3 +54,14 @@ def test_mean_ci_is_a_t_interval():
   assert np.isnan(stats.mean_ci([0.5])[1])
   d, h = stats.paired_difference([0.9, 0.8, 0.7], [0.8, 0.7, 0.6])
   assert d == pytest.approx(0.1) and h == pytest.approx(0.0, abs=1e-12)
+
+
+def test_compiled_init_is_bitwise_the_eager_init():
+  from tlresearch import train
+  model = models.build(tiny_model_cfg(dropout_rate=0.5), 7)
+  key = jax.random.fold_in(jax.random.key(3), 0)
+  eager = model.init(key, jnp.zeros((1, 16, 16, 3), jnp.float32))
+  compiled = train.init_variables(model, key, (16, 16, 3))
+  assert jax.tree.structure(eager) == jax.tree.structure(compiled)
+  for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(compiled)):
+    np.testing.assert_array_equal(a, b)

@@ -89,6 +89,36 @@ def expand(config) -> list[Cell]:
   return cells
 
 
+def configuration(axes: dict) -> str:
+  """The configuration a cell belongs to: every axis but the seed (a table row on one
+  target). Its seeds are paired, and selection chooses one lr / weight decay for all of
+  them, so a configuration is the unit that selection and sharding keep together."""
+  return json.dumps({k: v for k, v in axes.items() if k != "seed"}, sort_keys=True, default=str)
+
+
+def check_task(task_index: int, num_tasks: int) -> None:
+  if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+    raise UserError(f"--num_tasks must be an integer >= 1, got {num_tasks!r}")
+  if (isinstance(task_index, bool) or not isinstance(task_index, int)
+      or not 0 <= task_index < num_tasks):
+    raise UserError(f"--task_index must be an integer in [0, {num_tasks - 1}] for "
+                    f"--num_tasks={num_tasks}, got {task_index!r}")
+
+
+def shard(cells: list[Cell], task_index: int, num_tasks: int) -> list[Cell]:
+  """Task `task_index` of `num_tasks`: whole configurations, dealt round robin in grid order.
+
+  Whole configurations, because a configuration's final cells need all of its selection
+  cells (selection.choose): no task then waits on another. Grid order and round robin make
+  the split depend only on the config (never on hashing or the process), and deal the
+  strategies of a block across the tasks.
+  """
+  check_task(task_index, num_tasks)
+  order = list(dict.fromkeys(configuration(c.axes) for c in cells))
+  mine = set(order[task_index::num_tasks])
+  return [c for c in cells if configuration(c.axes) in mine]
+
+
 def _set(cfg, dotted: str, value):
   *parents, leaf = dotted.split(".")
   node = cfg
@@ -146,6 +176,8 @@ def check(cfg) -> None:
   for ok, message in rules:
     if not ok:
       raise UserError(message)
+  from tlresearch import seeds  # imported here: seeds imports grid
+  seeds.resolve_mode(t)  # train.seeds_mode
 
 
 def check_all(cells) -> None:
@@ -178,7 +210,8 @@ def check_all(cells) -> None:
 # Config keys (dotted paths) that change how a cell runs, never what it computes: a cell
 # finished or checkpointed under other values of these, or before they existed, is still the
 # same cell. Data parallelism changes only the float reduction order of a few sums.
-OPERATIONAL_KEYS = ("checkpoint", "train.data_parallel", "pretrain.train.data_parallel")
+OPERATIONAL_KEYS = ("checkpoint", "train.seeds_mode", "train.data_parallel",
+                    "pretrain.train.data_parallel")
 
 
 def identity(config_dict: dict) -> dict:
@@ -189,7 +222,7 @@ def identity(config_dict: dict) -> dict:
     node = out
     for p in parents:
       node = node.get(p) if isinstance(node, dict) else None
-    if isinstance(node, dict):
+    if isinstance(node, dict):  # configs saved before a key existed simply lack it
       node.pop(leaf, None)
   return out
 

@@ -47,6 +47,11 @@ def write_jsonl(path: str, records) -> None:
                            for r in records))
 
 
+def read_jsonl(path: str) -> list:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def read_json(path: str):
   with open(path) as f:
     return json.load(f)
@@ -72,12 +77,15 @@ class FileLock:
     self.path = path
     self._fd = None
 
-  def acquire(self, blocking: bool = False) -> bool:
+  def acquire(self, blocking: bool = False, shared: bool = False) -> bool:
+    """`shared`: any number of shared holders at once, none while an exclusive one holds it
+    (the tasks of a sharded grid share the workdir; a whole-grid sweep needs it alone)."""
     import fcntl
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
-      fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+      fcntl.flock(fd, mode | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
       os.close(fd)
       return False
@@ -118,6 +126,12 @@ def atomic_dir(path: str):
 def directory_lock(directory: str) -> FileLock:
   """The lock of a sweep's workdir: `<workdir>/.lock`."""
   return FileLock(os.path.join(directory, ".lock"))
+
+
+def task_lock(directory: str, task_index: int, num_tasks: int) -> FileLock:
+  """The lock of one task of a sharded grid: `<workdir>/.lock-task-I-of-N`, so that two
+  processes started with the same task index never run the same cells at once."""
+  return FileLock(os.path.join(directory, f".lock-task-{task_index}-of-{num_tasks}"))
 
 
 def replace_dir(tmp: str, path: str) -> None:

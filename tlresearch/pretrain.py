@@ -12,7 +12,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from sklearn import metrics as skm
 
@@ -69,7 +68,7 @@ def train_source(pcfg, log=print, checkpointer=None) -> tuple[dict, dict]:
                      class_subset=pcfg.get("class_subset", ""))
   model = models.build(pcfg.model, ds.num_classes)
   keys = train.CellKeys.from_seed(pcfg.seed)
-  variables = model.init(keys.init, jnp.zeros((1,) + ds.train_x.shape[1:], jnp.float32))
+  variables = train.init_variables(model, keys.init, ds.train_x.shape[1:])
   log(f"pretraining {pcfg.model.family} on {pcfg.dataset} ({len(ds.train_x)} images, "
       f"{pcfg.train.epochs} epochs)")
   epoch_line = lambda r, _: log(

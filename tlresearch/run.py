@@ -7,6 +7,11 @@ Flags:
   --results_dir=DIR   tables and plots go to DIR/NAME (default: results)
   --overwrite         retrain every cell (default: reuse cells finished under the same config)
   --no_progress       no progress bar
+  --task_index=I      with --num_tasks=N: run only task I's share of the grid (0 <= I < N;
+  --num_tasks=N         whole configurations, dealt round robin), e.g. one task of a SLURM
+                        array, all tasks sharing one --workdir; writes no tables
+  --merge             build the tables from the cells every task left in --workdir (trains
+                      nothing; fails, writing nothing, while a cell is unfinished)
   --config.KEY=VALUE  override a config value; VALUE is a Python literal or a bare string
 
 Bad input (unknown experiment, config key or name, invalid value, missing data) prints one
@@ -24,9 +29,11 @@ import sys
 from tlresearch.errors import UserError, choices
 
 USAGE = ("usage: python -m tlresearch.run --experiment=NAME [--workdir=DIR] [--results_dir=DIR] "
-         "[--overwrite] [--no_progress] [--config.KEY=VALUE ...] | --list")
-FLAGS = {"experiment", "workdir", "results_dir", "overwrite", "no_progress", "list", "help"}
-BOOL_FLAGS = {"overwrite", "no_progress", "list", "help"}
+         "[--overwrite] [--no_progress] [--task_index=I --num_tasks=N | --merge] "
+         "[--config.KEY=VALUE ...] | --list")
+FLAGS = {"experiment", "workdir", "results_dir", "overwrite", "no_progress", "list", "help",
+         "task_index", "num_tasks", "merge"}
+BOOL_FLAGS = {"overwrite", "no_progress", "list", "help", "merge"}
 
 
 def experiments() -> dict[str, str]:
@@ -90,6 +97,31 @@ def apply_override(config, dotted: str, text: str) -> None:
     raise UserError(f"config.{dotted}: expected {type(old).__name__}, got {text!r}") from None
 
 
+def _true(flags: dict, key: str) -> bool:
+  return flags.get(key, "false").lower() in ("1", "true", "yes")
+
+
+def _integer(text: str):
+  try:
+    return int(text)
+  except ValueError:
+    return text  # grid.check_task names the flag and its valid range
+
+
+def task_of(flags: dict) -> tuple[int, int]:
+  """(task_index, num_tasks) from the flags; (0, 1), the whole grid, when neither is given."""
+  given = [k for k in ("task_index", "num_tasks") if k in flags]
+  if not given:
+    return 0, 1
+  if len(given) == 1:
+    raise UserError("--task_index and --num_tasks go together: --task_index=I --num_tasks=N "
+                    "with 0 <= I < N")
+  if _true(flags, "merge"):
+    raise UserError("--merge builds the tables from every task's cells: drop --task_index "
+                    "and --num_tasks")
+  return _integer(flags["task_index"]), _integer(flags["num_tasks"])
+
+
 def main(argv: list[str]) -> int:
   flags, overrides = parse_args(argv)
   if "help" in flags:
@@ -109,22 +141,33 @@ def main(argv: list[str]) -> int:
   config = module.get_config()
   for dotted, text in overrides:
     apply_override(config, dotted, text)
+  if config.kind not in ("pretrain", "sweep"):
+    raise UserError(f"experiment '{name}' has unknown kind '{config.kind}'; valid: pretrain, sweep")
+  task_index, num_tasks = task_of(flags)
+  merge, overwrite = _true(flags, "merge"), _true(flags, "overwrite")
+  if config.kind == "pretrain" and (merge or num_tasks != 1):
+    raise UserError(f"--task_index, --num_tasks and --merge split a sweep; '{name}' is a "
+                    "pretrain experiment")
+  if merge and overwrite:
+    raise UserError("--merge trains nothing, so --overwrite does not apply: drop one of them")
   # Heavy imports (jax, tensorflow) only once the command line is known to be valid.
   from tlresearch import parallel
   parallel.initialize_distributed_from_env()  # TLRESEARCH_DISTRIBUTED=1: multi-host JAX
   from tlresearch import sweep
   results_dir = flags.get("results_dir", "results")
-  overwrite = flags.get("overwrite", "false").lower() in ("1", "true", "yes")
   if config.kind == "pretrain":
     sweep.run_pretrain(config, name, results_dir, overwrite)
-  elif config.kind == "sweep":
-    sweep.run_grid(config, name, flags.get("workdir", os.path.join("workdir", name)),
-                   results_dir, overwrite,
-                   progress=flags.get("no_progress", "false").lower() not in ("1", "true"),
-                   findings=getattr(module, "FINDINGS", None),
-                   command=" ".join(["python -m tlresearch.run"] + argv))
+    return 0
+  workdir = flags.get("workdir", os.path.join("workdir", name))
+  findings = getattr(module, "FINDINGS", None)
+  command = " ".join(["python -m tlresearch.run"] + argv)
+  if merge:
+    sweep.merge_grid(config, name, workdir, results_dir, findings=findings, command=command)
   else:
-    raise UserError(f"experiment '{name}' has unknown kind '{config.kind}'; valid: pretrain, sweep")
+    sweep.run_grid(config, name, workdir, results_dir, overwrite,
+                   progress=flags.get("no_progress", "false").lower() not in ("1", "true"),
+                   findings=findings, command=command, task_index=task_index,
+                   num_tasks=num_tasks)
   return 0
 
 

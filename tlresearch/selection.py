@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io as _io
 import itertools
-import json
 
 import ml_collections
 
@@ -35,10 +34,6 @@ def _candidates(config) -> list[dict]:
   return [dict(c) for c in itertools.product(*values)]
 
 
-def _group(axes: dict) -> str:
-  return json.dumps({k: v for k, v in axes.items() if k != "seed"}, sort_keys=True, default=str)
-
-
 def expand(config, cells: list) -> list:
   """The selection cells for the final `cells` ([] when selection is off)."""
   if not enabled(config):
@@ -52,7 +47,7 @@ def expand(config, cells: list) -> list:
                     "selection.weight_decay and selection.seeds")
   out, seen = [], set()
   for cell in cells:
-    key = _group(cell.axes)
+    key = grid.configuration(cell.axes)
     if key in seen:
       continue
     seen.add(key)
@@ -74,7 +69,7 @@ def choose(config, sel_cells: list, finals: list[dict]) -> dict:
     combo = tuple((d, cell.axes[d]) for _, d in KEYS)
     base = {k: v for k, v in cell.axes.items() if k not in dict(KEYS).values()}
     ok = final.get("status") == "ok"
-    scores.setdefault(_group(base), {}).setdefault(combo, []).append(
+    scores.setdefault(grid.configuration(base), {}).setdefault(combo, []).append(
         final["val_accuracy"] if ok else float("-inf"))
   order = [tuple(c.items()) for c in _candidates(config)]
   return {g: dict(max(order, key=lambda c: sum(by[c]) / len(by[c])))
@@ -86,7 +81,7 @@ def apply(cells: list, chosen: dict) -> list:
   out = []
   for cell in cells:
     cfg = ml_collections.ConfigDict(cell.config.to_dict())
-    for dotted, v in chosen[_group(cell.axes)].items():
+    for dotted, v in chosen[grid.configuration(cell.axes)].items():
       grid._set(cfg, dotted, v)  # pylint: disable=protected-access
     out.append(grid.Cell(cell.id, cell.axes, cfg))
   return out
@@ -100,7 +95,7 @@ def table_csv(sel_cells: list, finals: list[dict], chosen: dict) -> str:
   w.writerow(keys + ["val_accuracy", "selected"])
   for cell, final in zip(sel_cells, finals):
     base = {k: v for k, v in cell.axes.items() if k not in dict(KEYS).values()}
-    won = all(cell.axes[d] == v for d, v in chosen[_group(base)].items())
+    won = all(cell.axes[d] == v for d, v in chosen[grid.configuration(base)].items())
     w.writerow([cell.axes[k] for k in keys] + [f"{final.get('val_accuracy', float('nan')):.6g}",
                                                 int(won)])
   return buf.getvalue()

@@ -1,6 +1,12 @@
-"""Run an experiment: the grid of cells, then the tables, or the source pretraining alone."""
+"""Run an experiment: the grid of cells, then the tables, or the source pretraining alone.
+
+A grid runs whole in one process (`run_grid`), or split across the tasks of an array job
+(`run_grid` with `task_index` / `num_tasks` in each task, then `merge_grid` once): both
+build the results folder with `write_results` from the cells' final.json records.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -10,12 +16,17 @@ from tqdm import tqdm
 from tlresearch import cell as cell_lib
 from tlresearch import findings as findings_lib
 from tlresearch import grid, io, models, pretrain, report, selection, strategies, train
+from tlresearch import seeds as seeds_lib
 from tlresearch.errors import UserError
 
 
-def enable_compile_cache(cache_dir: str | None) -> str:
-  """JAX's persistent compilation cache in the project cache: a rerun compiles ~nothing."""
+def enable_compile_cache(cache_dir: str | None) -> str | None:
+  """JAX's persistent compilation cache in the project cache: a rerun compiles ~nothing.
+  `TLRESEARCH_COMPILE_CACHE=off` (the benchmark's baseline) disables it, and the reuse of
+  compiled programs across cells (`train.compile_reuse`)."""
   import jax
+  if not train.compile_reuse():
+    return None
   path = os.path.join(cache_dir or pretrain.default_cache_dir(), "jax_compilation_cache")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -24,27 +35,113 @@ def enable_compile_cache(cache_dir: str | None) -> str:
 
 def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool = False,
              progress: bool = True, findings: findings_lib.Findings | None = None,
-             command: str = "") -> dict:
+             command: str = "", task_index: int = 0, num_tasks: int = 1) -> dict:
   """Runs every unfinished cell of `config`'s grid and writes `results_dir/name/`.
 
   With `config.selection.enabled`, the selection cells run first and each configuration's
   final cells use its selected values (tlresearch.selection). `findings`: the experiment's
   claims and plots, written to findings.md; `command`: the command line that made them.
+  With `num_tasks` > 1, runs only the configurations of task `task_index` (grid.shard) and
+  writes no tables: `merge_grid` builds them once every task has finished.
   """
+  t0 = time.perf_counter()
+  grid.check_task(task_index, num_tasks)
+  if overwrite and num_tasks > 1:
+    raise UserError("--overwrite cannot be used with --num_tasks > 1: it would delete the other "
+                    "tasks' cells; clear the workdir once before launching the tasks instead")
+  cells = grid.expand(config)
+  sel_cells = selection.expand(config, cells)
+  # every bad value and every bad dataset fails here, before training (in every task alike)
+  grid.check_all(cells + sel_cells)
+  with _workdir_lock(workdir, task_index, num_tasks):
+    enable_compile_cache(config.cache_dir or None)
+    if overwrite:
+      _clear_workdir(workdir)
+    if num_tasks > 1:
+      return _run_task(config, cells, name, workdir, progress, task_index, num_tasks, t0)
+    finals, sel_table, reused = train_cells(config, cells, sel_cells, name, workdir, progress)
+    paths = write_results(config, name, results_dir, finals, sel_table, findings, command)
+  seconds = time.perf_counter() - t0
+  print(f"{name}: {len(cells)} cells ({reused} reused) in {seconds:.0f}s; wrote "
+        + ", ".join(paths))
+  return {"cells": len(cells), "reused": reused, "seconds": seconds,
+          "compile_seconds": train.COMPILE_SECONDS[0], "outputs": paths}
+
+
+def _run_task(config, cells, name, workdir, progress, task_index, num_tasks, t0) -> dict:
+  """One task of a sharded grid: its configurations' cells, no tables."""
+  mine = grid.shard(cells, task_index, num_tasks)
+  # Built from this task's final cells: exactly the selection cells its configurations need.
+  sel_mine = selection.expand(config, mine)
+  _, _, reused = train_cells(config, mine, sel_mine, name, workdir, progress)
+  seconds = time.perf_counter() - t0
+  count = lambda cs: len({grid.configuration(c.axes) for c in cs})
+  print(f"{name}: --task_index={task_index} of --num_tasks={num_tasks} ran its {count(mine)} "
+        f"of {count(cells)} configurations, {len(mine)} cells"
+        + (f" and {len(sel_mine)} selection cells" if sel_mine else "")
+        + f" ({reused} reused) in {seconds:.0f}s, no tables; once every task has finished, "
+        "the same command with --merge in place of --task_index/--num_tasks builds them")
+  return {"cells": len(mine), "selection_cells": len(sel_mine), "reused": reused,
+          "seconds": seconds, "compile_seconds": train.COMPILE_SECONDS[0], "outputs": []}
+
+
+def merge_grid(config, name: str, workdir: str, results_dir: str,
+               findings: findings_lib.Findings | None = None, command: str = "") -> dict:
+  """Builds `results_dir/name/` from the cells the tasks of a sharded grid left in `workdir`,
+  exactly as `run_grid` in one process would. Trains nothing, so reads no data and loads no
+  backbone; while any cell is unfinished, raises UserError and writes nothing."""
   t0 = time.perf_counter()
   cells = grid.expand(config)
   sel_cells = selection.expand(config, cells)
-  # every bad value and every bad dataset fails here, before training
-  grid.check_all(cells + sel_cells)
-  lock = io.directory_lock(workdir)
-  if not lock.acquire():
-    raise UserError(f"workdir {workdir} is in use by another sweep (pid {lock.holder()}); "
-                    "wait for it to finish or pass a different --workdir")
-  try:
-    return _run_grid(config, cells, sel_cells, name, workdir, results_dir, overwrite, progress,
-                     findings, command, t0)
-  finally:
-    lock.release()
+  sel_finals = _read_finals(sel_cells, _selection_dir(workdir))
+  sel_table = None
+  if sel_cells:
+    # An unfinished candidate scores as a failed run only so that every configuration has a
+    # choice to look its final cells up by; the merge stops below while any is unfinished.
+    scored = [f if f is not None else {"status": "unfinished"} for f in sel_finals]
+    cells, sel_table = _select(config, cells, sel_cells, scored)
+  finals = _read_finals(cells, workdir)
+  _check_all_finished(workdir, [f"selection/{c.id}" for c in sel_cells] + [c.id for c in cells],
+                      sel_finals + finals)
+  paths = write_results(config, name, results_dir, finals, sel_table, findings, command)
+  seconds = time.perf_counter() - t0
+  print(f"{name}: merged {len(cells)} cells"
+        + (f" and {len(sel_cells)} selection cells" if sel_cells else "")
+        + f" from {workdir} in {seconds:.0f}s; wrote " + ", ".join(paths))
+  return {"cells": len(cells), "reused": len(cells), "seconds": seconds, "outputs": paths}
+
+
+def _check_all_finished(workdir: str, ids: list[str], finals: list) -> None:
+  missing = [i for i, f in zip(ids, finals) if f is None]
+  if missing:
+    first = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    raise UserError(f"cannot merge: {len(missing)} of {len(ids)} cells are not finished in "
+                    f"{workdir} ({first}); the tasks that run them must finish first (rerun a "
+                    "failed task with its same flags), and --merge needs the tasks' --config "
+                    "overrides")
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: str, task_index: int, num_tasks: int):
+  """A whole-grid sweep holds `<workdir>/.lock` alone. The tasks of a sharded grid hold it
+  shared (they run side by side; a whole-grid sweep, which may clear the workdir, runs with
+  none of them) and each its own task lock (a task started twice would train its cells twice
+  at once)."""
+  with contextlib.ExitStack() as stack:
+    _hold(stack, io.directory_lock(workdir), num_tasks > 1,
+          f"workdir {workdir} is in use by another sweep", " or pass a different --workdir")
+    if num_tasks > 1:
+      _hold(stack, io.task_lock(workdir, task_index, num_tasks), False,
+            f"--task_index={task_index} of --num_tasks={num_tasks} is already running on "
+            f"workdir {workdir}", "")
+    yield
+
+
+def _hold(stack: contextlib.ExitStack, lock: io.FileLock, shared: bool, busy: str,
+          advice: str) -> None:
+  if not lock.acquire(shared=shared):
+    raise UserError(f"{busy} (pid {lock.holder()}); wait for it to finish{advice}")
+  stack.callback(lock.release)
 
 
 def _clear_workdir(workdir: str) -> None:
@@ -55,11 +152,36 @@ def _clear_workdir(workdir: str) -> None:
       shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
 
 
-def _run_grid(config, cells, sel_cells, name, workdir, results_dir, overwrite, progress,
-              findings, command, t0) -> dict:
-  enable_compile_cache(config.cache_dir or None)
-  if overwrite:
-    _clear_workdir(workdir)
+def _selection_dir(workdir: str) -> str:
+  return os.path.join(workdir, "selection")
+
+
+def _read_finals(cells, root: str) -> list[dict | None]:
+  """Each cell's final.json when it finished under exactly its config, else None."""
+  return [grid.finished(os.path.join(root, c.id), c) for c in cells]
+
+
+def _select(config, cells, sel_cells, sel_finals) -> tuple[list, str]:
+  """The final cells with their configuration's selected values, and selection.csv."""
+  chosen = selection.choose(config, sel_cells, sel_finals)
+  return selection.apply(cells, chosen), selection.table_csv(sel_cells, sel_finals, chosen)
+
+
+def train_cells(config, cells, sel_cells, name: str, workdir: str,
+                progress: bool) -> tuple[list[dict], str | None, int]:
+  """Runs the unfinished selection cells, then the unfinished final cells under their
+  configuration's selected values; (finals, selection.csv or None, final cells reused)."""
+  run_cells = _cell_runner(dict(config.report.axis_labels), progress)
+  sel_table = None
+  if sel_cells:
+    sel_finals, _ = run_cells(sel_cells, _selection_dir(workdir), f"{name} selection")
+    cells, sel_table = _select(config, cells, sel_cells, sel_finals)
+  finals, reused = run_cells(cells, workdir, name)
+  return finals, sel_table, reused
+
+
+def _backbones():
+  """cfg -> its pretrained variables, each backbone loaded or built once per sweep."""
   pretrained = {}
 
   def backbone(cfg):
@@ -74,11 +196,15 @@ def _run_grid(config, cells, sel_cells, name, workdir, results_dir, overwrite, p
       pretrained[key] = pretrain.get_or_build(pcfg, cfg.cache_dir or None, log=tqdm.write)[0]
     return pretrained[key]
 
-  labels = dict(config.report.axis_labels)
+  return backbone
+
+
+def _cell_runner(labels: dict, progress: bool):
+  backbone = _backbones()
 
   def run_cells(cells, root, desc):
     """final.json of every cell, training only the unfinished ones; (finals, reused)."""
-    done = {c.id: grid.finished(os.path.join(root, c.id), c) for c in cells}
+    done = dict(zip((c.id for c in cells), _read_finals(cells, root)))
     todo = [c for c in cells if done[c.id] is None]
     needs = {c.id: strategies.get(c.config.strategy,
                                   models.groups_of(c.config.model)).pretrained for c in todo}
@@ -86,9 +212,14 @@ def _run_grid(config, cells, sel_cells, name, workdir, results_dir, overwrite, p
       if needs[c.id]:
         backbone(c.config)
     finals = []
+    groups = seeds_lib.groups(todo)  # vmap mode: the seeds of one configuration train together
     bar = tqdm(cells, desc=desc, unit="cell", disable=not progress, dynamic_ncols=True)
     for c in bar:
       final = done[c.id]
+      if final is None and c.id in groups:  # its group trains now, the whole group's cells
+        done.update(_run_seed_group(groups[c.id], root,
+                                    backbone(c.config) if needs[c.id] else None, labels))
+        final = done[c.id]
       if final is None:
         final = cell_lib.run(c.config, c.id, c.axes, os.path.join(root, c.id),
                              backbone(c.config) if needs[c.id] else None, log=tqdm.write)
@@ -96,14 +227,14 @@ def _run_grid(config, cells, sel_cells, name, workdir, results_dir, overwrite, p
       finals.append(final)
     return finals, len(cells) - len(todo)
 
-  out_dir = os.path.join(results_dir, name)
-  sel_table = None
-  if sel_cells:
-    sel_finals, _ = run_cells(sel_cells, os.path.join(workdir, "selection"), f"{name} selection")
-    chosen = selection.choose(config, sel_cells, sel_finals)
-    cells = selection.apply(cells, chosen)
-    sel_table = selection.table_csv(sel_cells, sel_finals, chosen)
-  finals, reused = run_cells(cells, workdir, name)
+  return run_cells
+
+
+def write_results(config, name: str, results_dir: str, finals: list[dict],
+                  sel_table: str | None = None, findings: findings_lib.Findings | None = None,
+                  command: str = "") -> list[str]:
+  """The results folder `results_dir/name/` (tables, plots, runs.csv, selection.csv,
+  findings), replaced whole; built from the cells' final.json records only."""
   axes = grid.axes_of(config)
   # The reference row of the paired-difference table: the base config with that strategy.
   reference = tuple({**grid.base_axes(config), "strategy": config.report.reference}.values())
@@ -119,15 +250,20 @@ def _run_grid(config, cells, sel_cells, name, workdir, results_dir, overwrite, p
                 for p in findings_lib.write(folder, name, findings, finals, command)]
     return names
 
-  paths = report.write(finals, axes, out_dir, name, labels, reference,
-                       metrics=config.report.get("metrics", None),
-                       show_hparams=selection.enabled(config), extra=extra)
-  seconds = time.perf_counter() - t0
-  summary = {"cells": len(cells), "reused": reused, "seconds": seconds,
-             "compile_seconds": train.COMPILE_SECONDS[0], "outputs": paths}
-  print(f"{name}: {len(cells)} cells ({reused} reused) in {seconds:.0f}s; wrote "
-        + ", ".join(paths))
-  return summary
+  return report.write(finals, axes, os.path.join(results_dir, name), name,
+                      dict(config.report.axis_labels), reference,
+                      metrics=config.report.get("metrics", None),
+                      show_hparams=selection.enabled(config), extra=extra)
+
+
+def _run_seed_group(group, root: str, pretrained, labels: dict) -> dict:
+  """{cell id: final.json} of cells that differ only in seed, trained together."""
+  finals = cell_lib.run_seeds([c.config for c in group], [c.id for c in group],
+                              [c.axes for c in group], [os.path.join(root, c.id) for c in group],
+                              pretrained, log=tqdm.write)
+  for f in finals:
+    tqdm.write(_summary_line(f, labels))
+  return {c.id: f for c, f in zip(group, finals)}
 
 
 def _summary_line(f: dict, labels: dict) -> str:

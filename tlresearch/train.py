@@ -19,6 +19,7 @@ Decisive properties (each has a test):
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -66,6 +67,7 @@ class StepSpec:
   steps_per_epoch: int
   penalty: tuple = ()              # the stage's loss penalty (tlresearch.penalty), if any
   mesh: Any = None                 # data-parallel jax.sharding.Mesh; None: one device
+  frozen_prefix: tuple = ()        # the groups below the first trainable one
 
   def lr_schedule(self, peak_lr):
     # The shape is built for a peak of 1 and scaled: optax's schedule branches on its peak
@@ -121,6 +123,24 @@ def _multi_device_sharding(a):
 
 def clear_compile_cache():
   _COMPILED.clear()
+
+
+def compile_reuse() -> bool:
+  """False under `TLRESEARCH_COMPILE_CACHE=off`: every cell compiles its own programs and
+  nothing is cached on disk (how `tlresearch.bench --baseline` measures what reuse saves)."""
+  return os.environ.get("TLRESEARCH_COMPILE_CACHE", "on") != "off"
+
+
+def _init_variables(model, key, x):
+  return model.init(key, x)
+
+
+def init_variables(model, key, input_shape) -> dict:
+  """`model.init` as one compiled program (cached like the steps, and on disk): run eagerly,
+  the first init in a process dispatches and compiles every op on its own, 10-20 s on this
+  CPU. The values are bitwise those of the eager init (tested)."""
+  x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+  return _compiled(_init_variables, model, key, x)(key, x)
 
 
 # ---------------------------------------------------------------- params split
@@ -332,6 +352,40 @@ def _variables(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats}
 
 
+def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,
+               cache: bool | None = None, mesh=None) -> tuple[StepSpec, dict]:
+  """The compiled-step description and step inputs of one strategy stage.
+
+  `cfg` is the cell's `train` config; `cache` (default `cfg.cache_frozen_prefix`) starts
+  training above the frozen prefix, whose output is then computed once per split; never
+  with augmentation on, which changes the prefix's input every step. With a data-parallel
+  `mesh` (`variables` replicated over it) the step splits each batch over its devices and
+  the inputs are replicated.
+  """
+  groups = model.groups
+  aug = AugmentSpec.from_config(cfg.augment)
+  batch_size = min(int(cfg.batch_size), n_train)
+  steps = -(-n_train // batch_size)
+  flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
+  rule_by_path = resolve(stage.rules, flat_params)
+  first = _first_trainable_group(rule_by_path, groups)
+  cache = bool(cfg.cache_frozen_prefix) if cache is None else cache
+  start = groups[first] if first > 0 and aug is None and cache else groups[0]
+  # "frozen": every BatchNorm in inference mode with its statistics kept, trainable or not.
+  frozen_bn = (tuple(groups) if cfg.get("bn_stats", "update") == "frozen"
+               else frozen_groups(rule_by_path, groups))
+  spec = StepSpec(
+      model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer,
+      total_steps=n_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
+      momentum=float(cfg.momentum), start=start, frozen_bn=frozen_bn,
+      augment=aug if start == groups[0] else None, batch_size=batch_size,
+      steps_per_epoch=steps, penalty=tuple(stage.penalty), frozen_prefix=tuple(groups[:first]),
+      mesh=mesh)
+  inputs = step_inputs(float(cfg.lr), float(cfg.weight_decay) if stage.weight_decay else 0.0,
+                       penalty.anchor(stage, flat_params, rule_by_path))
+  return spec, parallel.replicate(inputs, mesh)
+
+
 def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print, on_epoch=None,
         checkpointer=None) -> dict:
   """Trains `variables` under `strategy` on `data` (a `tlresearch.data.Dataset`).
@@ -408,27 +462,12 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
       continue  # finished before the interruption; the checkpoint holds what it produced
     # With a mesh every array a program reads is replicated over it (a no-op when it is).
     variables = parallel.replicate(variables, mesh)
-    flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
-    rule_by_path = resolve(stage.rules, flat_params)
-    first = _first_trainable_group(rule_by_path, groups)
-    # The frozen prefix is deterministic (inference-mode BatchNorm, no dropout, no
-    # augmentation): run it once per split instead of every step.
-    use_cache = first > 0 and aug is None and cfg.cache_frozen_prefix
-    if first > 0 and aug is not None:
-      notes.append(f"frozen prefix ({', '.join(groups[:first])}) not cached: augmentation is on")
-    start = groups[first] if use_cache else groups[0]
-    # "frozen": every BatchNorm in inference mode with its statistics kept, trainable or not.
-    frozen_bn = (tuple(groups) if cfg.get("bn_stats", "update") == "frozen"
-                 else frozen_groups(rule_by_path, groups))
-    spec = StepSpec(
-        model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer,
-        total_steps=n_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
-        momentum=float(cfg.momentum), start=start, frozen_bn=frozen_bn,
-        augment=aug if start == groups[0] else None, batch_size=batch_size,
-        steps_per_epoch=steps, penalty=tuple(stage.penalty), mesh=mesh)
-    inputs = parallel.replicate(
-        step_inputs(float(cfg.lr), float(cfg.weight_decay) if stage.weight_decay else 0.0,
-                    penalty.anchor(stage, flat_params, rule_by_path)), mesh)
+    spec, inputs = stage_spec(model, stage, variables, cfg, n, n_epochs, mesh=mesh)
+    start = spec.start
+    use_cache = start != groups[0]
+    if aug is not None and spec.frozen_prefix:
+      notes.append(f"frozen prefix ({', '.join(spec.frozen_prefix)}) not cached: "
+                   "augmentation is on")
     lr = spec.lr_schedule(float(cfg.lr))
     state = init_state(spec, variables, inputs)
     best, wait, first_epoch, stopped = None, 0, 0, False
@@ -446,7 +485,7 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
       variables = _variables(state.params, state.batch_stats)
       resume = None
     if use_cache:
-      stop = groups[first - 1]
+      stop = groups[groups.index(start) - 1]
       train_in, val_in, test_in = (prefix_outputs(model, variables, _on_device(a, mesh), stop,
                                                   mesh)
                                    for a in (data.train_x, data.val_x, data.test_x))
@@ -499,9 +538,11 @@ def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointe
       best_epoch = best[3] if best is not None else len(history)
     if diverged is not None:
       break
+  # On the cached prefix outputs where there are any: no second pass through the backbone.
+  val, _ = evaluate(model, variables, val_in, vy, start, mesh)
   test, pred = evaluate(model, variables, test_in, _on_device(data.test_y, mesh), start, mesh)
   return {"variables": parallel.unreplicate(variables, mesh), "history": history,
           "best_epoch": best_epoch,
-          "epochs_run": len(history), "test": test, "test_predictions": pred,
+          "epochs_run": len(history), "val": val, "test": test, "test_predictions": pred,
           "cached_prefix": cached, "notes": notes, "diverged": diverged,
           "fit_seconds": time.perf_counter() - t_start}

@@ -1,0 +1,228 @@
+"""Seeds trained together (tlresearch.seeds) give what each seed's own run gives."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from tlresearch import models, seeds, strategies, train
+from tests.conftest import make_dataset, tiny_model_cfg, tiny_train_cfg
+
+SEEDS = (0, 1, 2)
+QUIET = lambda *_: None  # noqa: E731
+
+
+@functools.lru_cache(maxsize=None)
+def _model():
+  # One stage: the smallest network with a frozen prefix to cache; compiling dominates here.
+  return models.build(tiny_model_cfg(num_stages=1), 4)
+
+
+def _cfg():
+  # One config for the single-stage cases, so they share compiled programs.
+  cfg = tiny_train_cfg(epochs=4, lr=0.5)  # fast enough learning for seed 1 to overfit
+  cfg.early_stopping.monitor = "val_loss"
+  cfg.early_stopping.patience = 1
+  return cfg
+
+
+def _datas():
+  """Seed 1's validation labels disagree with its training labels: its validation loss
+  rises as it learns, so it stops early while the others go on."""
+  datas = [make_dataset(n_train=32, seed=s) for s in SEEDS]
+  datas[1] = dataclasses.replace(datas[1], val_y=(datas[1].val_y + 1) % datas[1].num_classes)
+  return datas
+
+
+def _sweep_config(mode="vmap"):
+  from experiments import finetune_sweep
+  c = finetune_sweep.get_config()
+  c.targets, c.seeds = ["digits"], list(SEEDS)
+  c.model = tiny_model_cfg(num_stages=1)
+  c.train = _cfg()
+  c.train.seeds_mode = mode
+  return c
+
+
+def _starts(model):
+  keys = [train.CellKeys.from_seed(s) for s in SEEDS]
+  return keys, [model.init(k.init, jnp.zeros((1, 16, 16, 3))) for k in keys]
+
+
+def _both(spec, cfg, datas, starts=None):
+  """(train.fit per seed, fit_seeds) on the same inputs."""
+  model = _model()
+  keys, variables = _starts(model)
+  variables = starts or variables
+  strategy = strategies.get(spec, model.groups)
+  alone = [train.fit(model, v, strategy, d, cfg, k, QUIET)
+           for v, d, k in zip(variables, datas, keys)]
+  together = seeds.fit_seeds(model, variables, strategy, datas, cfg, keys, QUIET)
+  return alone, together
+
+
+_RUNS = {}
+
+
+def _run(name):
+  """Each case is trained once per module (the tests only read the results)."""
+  if name not in _RUNS:
+    starts = None
+    if name == "diverged":
+      _, starts = _starts(_model())
+      # Seed 2 starts with a NaN head: its first loss is NaN, the others are untouched.
+      starts[2]["params"]["head"] = jax.tree.map(lambda a: a * jnp.nan,
+                                                 starts[2]["params"]["head"])
+    _RUNS[name] = _both("full" if name == "diverged" else name, _cfg(), _datas(), starts)
+  return _RUNS[name]
+
+
+def _flat(tree):
+  return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+
+
+def _assert_same(alone, together):
+  assert len(alone) == len(together)
+  for s, (a, b) in enumerate(zip(alone, together)):
+    assert set(a) == set(b)
+    for key in ("best_epoch", "epochs_run", "cached_prefix", "notes", "diverged"):
+      assert a[key] == b[key], (s, key)
+    assert len(a["history"]) == len(b["history"])
+    for ra, rb in zip(a["history"], b["history"]):
+      assert ra.keys() == rb.keys()
+      assert (ra["epoch"], ra["stage"]) == (rb["epoch"], rb["stage"])
+      for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+        assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6, nan_ok=True), (s, k)
+    assert a["test"] == pytest.approx(b["test"], rel=1e-4, nan_ok=True), s
+    np.testing.assert_array_equal(a["test_predictions"], b["test_predictions"])
+    for part in ("params", "batch_stats"):
+      fa, fb = _flat(a["variables"][part]), _flat(b["variables"][part])
+      assert fa.keys() == fb.keys()
+      for p in fa:
+        np.testing.assert_allclose(fa[p], fb[p], rtol=1e-4, atol=1e-5, err_msg=f"{s} {p}")
+
+
+@pytest.mark.parametrize("name", ["full", "linear_probe", "lp_ft"])
+def test_seeds_together_equal_seeds_alone(name):
+  alone, together = _run(name)
+  _assert_same(alone, together)
+  if name == "linear_probe":
+    assert all(r["cached_prefix"] for r in together)
+  if name == "lp_ft":  # seed 1 stops early in each stage: the stages start at other epochs
+    stages = [[h["stage"] for h in r["history"]] for r in together]
+    assert all(set(st) == {"probe", "fine_tune"} for st in stages)
+    assert len(stages[1]) < len(stages[0]), stages
+
+
+def test_early_stopping_is_per_seed():
+  alone, together = _run("full")
+  runs = [r["epochs_run"] for r in together]
+  assert len(set(runs)) > 1, runs  # the seeds really stopped at different epochs
+  assert runs[1] < 4 and together[1]["best_epoch"] < runs[1]
+  _assert_same(alone, together)
+
+
+def test_divergence_stops_only_that_seed():
+  alone, together = _run("diverged")
+  _assert_same(alone, together)
+  assert together[2]["diverged"] == {"epoch": 1, "step": 1}
+  assert together[0]["diverged"] is None and together[1]["diverged"] is None
+  healthy, _ = _run("full")
+  for s in (0, 1):  # what the other seeds learn does not depend on their neighbour
+    assert together[s]["epochs_run"] == healthy[s]["epochs_run"]
+    assert together[s]["test"] == pytest.approx(healthy[s]["test"], rel=1e-4)
+
+
+def test_auto_mode_loops_on_cpu_and_vmaps_on_accelerators():
+  cfg = tiny_train_cfg()
+  assert cfg.seeds_mode == "auto"
+  assert seeds.resolve_mode(cfg, backend="cpu") == "loop"
+  assert seeds.resolve_mode(cfg, backend="gpu") == "vmap"
+  cfg.seeds_mode = "vmap"
+  assert seeds.resolve_mode(cfg, backend="cpu") == "vmap"
+  from tlresearch import grid
+  from tlresearch.errors import UserError
+  bad = grid.expand(_sweep_config("threads"))[0].config
+  with pytest.raises(UserError, match="train.seeds_mode must be one of auto, loop, vmap"):
+    grid.check(bad)  # before anything trains
+
+
+def test_different_train_sizes_fall_back_to_one_fit_per_seed(monkeypatch):
+  calls = []
+  monkeypatch.setattr(train, "fit", lambda model, v, strategy, d, cfg, k, log, checkpointer:
+                      calls.append(len(d.train_x)) or {"seed": len(calls) - 1})
+  model = _model()
+  keys, variables = _starts(model)
+  datas = [make_dataset(n_train=n) for n in (32, 48, 32)]
+  out = seeds.fit_seeds(model, variables, strategies.get("full", model.groups), datas, _cfg(),
+                        keys, QUIET)
+  assert calls == [32, 48, 32] and out == [{"seed": 0}, {"seed": 1}, {"seed": 2}]
+
+
+def test_groups_are_the_seeds_of_one_configuration_and_mode_is_operational():
+  from tlresearch import grid
+  cells = grid.expand(_sweep_config("vmap"))
+  groups = seeds.groups(cells)
+  assert set(groups) == {c.id for c in cells}
+  for c in cells:
+    members = groups[c.id]
+    assert sorted(m.config.seed for m in members) == list(SEEDS)
+    assert all({**m.axes, "seed": 0} == {**c.axes, "seed": 0} for m in members)
+  assert seeds.groups(grid.expand(_sweep_config("loop"))) == {}
+  # Same cells, same fingerprints, whichever way their seeds train (and configs saved before
+  # the key existed still match).
+  loop = grid.expand(_sweep_config("loop"))
+  assert [grid.fingerprint(c.config) for c in cells] == [grid.fingerprint(c.config) for c in loop]
+  saved = cells[0].config.to_dict()
+  del saved["train"]["seeds_mode"]
+  assert grid.identity(saved) == grid.identity(loop[0].config.to_dict())
+
+
+def test_run_seeds_writes_what_run_writes(tmp_path, monkeypatch):
+  from tlresearch import cell, grid, io
+  monkeypatch.setattr(cell.data_lib, "load_for", lambda cfg: _datas()[cfg.seed])
+  config = _sweep_config()
+  config.grid = [{"strategy": ["scratch"]}]  # no pretrained backbone to build
+  cells = grid.expand(config)
+  assert len(cells) == len(SEEDS)
+  for c in cells:
+    cell.run(c.config, c.id, c.axes, str(tmp_path / "loop" / c.id), None, log=QUIET)
+  cell.run_seeds([c.config for c in cells], [c.id for c in cells], [c.axes for c in cells],
+                 [str(tmp_path / "vmap" / c.id) for c in cells], None, log=QUIET)
+  timings = ("compile_seconds", "wall_seconds", "seconds")
+  for c in cells:
+    loop, vmap = tmp_path / "loop" / c.id, tmp_path / "vmap" / c.id
+    assert sorted(p.name for p in loop.iterdir()) == ["config.json", "final.json",
+                                                      "metrics.jsonl"]
+    assert sorted(p.name for p in vmap.iterdir()) == sorted(p.name for p in loop.iterdir())
+    assert (loop / "config.json").read_text() == (vmap / "config.json").read_text()
+    a, b = io.read_json(loop / "final.json"), io.read_json(vmap / "final.json")
+    assert a.keys() == b.keys()
+    for k in a.keys() - set(timings):
+      if isinstance(a[k], float):
+        assert a[k] == pytest.approx(b[k], rel=1e-4), k
+      elif k != "classification_report":
+        assert a[k] == b[k], k
+    lines = [(loop / "metrics.jsonl").read_text().splitlines(),
+             (vmap / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines[0]) == len(lines[1]) == a["epochs_run"]
+
+
+def test_sweep_trains_a_configurations_seeds_in_one_group(tmp_path, monkeypatch):
+  from tlresearch import cell, sweep
+  monkeypatch.setattr(cell.data_lib, "load_for", lambda cfg: _datas()[cfg.seed])
+  groups = []
+  run_seeds = cell.run_seeds
+  monkeypatch.setattr(cell, "run_seeds", lambda cfgs, *a, **k: groups.append(
+      [c.seed for c in cfgs]) or run_seeds(cfgs, *a, **k))
+  config = _sweep_config()
+  config.grid = [{"strategy": ["scratch"]}]
+  config.cache_dir = str(tmp_path / "cache")
+  summary = sweep.run_grid(config, "s", str(tmp_path / "work"), str(tmp_path / "results"),
+                           progress=False)
+  assert groups == [list(SEEDS)] and summary["cells"] == len(SEEDS)
+  rows = (tmp_path / "results" / "s" / "runs.csv").read_text().splitlines()[1:]
+  assert len(rows) == len(SEEDS) and all(",ok," in r for r in rows)

@@ -1,0 +1,243 @@
+"""Speed of the default benchmark on this machine, printed as one JSON line.
+
+    python -m tlresearch.bench [--skip_sweep] [--baseline]
+
+Fields (wall-clock seconds; images/s of a compiled, warmed-up train step over the k-shot
+training set of the default `finetune_sweep` cell, digits target, seed 0):
+  device, device_count, jax
+  train_images_per_s.full              every group trainable, the whole network each step
+  train_images_per_s.linear_probe      head only, on features computed once (the default)
+  train_images_per_s.linear_probe_uncached  head only, the frozen backbone run every step
+  linear_probe_cell                    one warm linear-probe cell (`cell.run`): its seconds,
+                                       one forward pass of the backbone over its data
+                                       (train + validation + test), its head training, and
+                                       the ratios cell / forward and cell / (forward + head)
+  compile_seconds_per_cell.cold/warm   a linear_probe and a full cell in a new process, with an
+                                       empty and then a filled persistent compilation cache
+  vmap_seeds                           3 seeds in one vmapped program vs a loop (images/s)
+  sweep_seconds                        the default finetune_sweep in a new process, warm
+                                       pretrained checkpoint, empty compilation cache
+  baseline_sweep_seconds (--baseline)  the same sweep without this project's speed-ups:
+                                       frozen prefixes run every step, every cell compiles its
+                                       own programs, no persistent compilation cache
+
+Nothing is written to results/: the sweeps run in a temporary workdir and results folder.
+The pretrained backbone comes from the project cache (built there if missing).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+USAGE = "usage: python -m tlresearch.bench [--skip_sweep] [--baseline]"
+FLAGS = ("--skip_sweep", "--baseline")
+
+
+def _parse(argv: list[str]) -> set[str]:
+  from tlresearch.errors import UserError, choices
+  for arg in argv:
+    if arg not in FLAGS:
+      raise UserError(f"unknown argument '{arg}'; valid: {choices(FLAGS)}")
+  return set(argv)
+
+
+def _default_cell(strategy: str = "linear_probe"):
+  """The finetune_sweep cell of `strategy` in the base configuration, digits, seed 0."""
+  from experiments import finetune_sweep
+  from tlresearch import grid
+  config = finetune_sweep.get_config()
+  for c in grid.expand(config):
+    if (c.axes["strategy"] == strategy and c.config.target == "digits" and c.config.seed == 0
+        and c.axes == {**c.axes, **grid.base_axes(config), "strategy": strategy}):
+      return c
+  raise LookupError(strategy)
+
+
+def _block(tree):
+  import jax
+  return jax.block_until_ready(tree)
+
+
+def _images_per_s(model, variables, strategy_name, data, cfg, cached: bool,
+                  epochs: int = 3) -> float:
+  """Train-step throughput of one strategy's first stage (compile and one warm-up epoch
+  excluded)."""
+  import jax
+  import jax.numpy as jnp
+  from tlresearch import strategies, train
+  stage = strategies.get(strategy_name, model.groups).stages[0]
+  spec, inputs = train.stage_spec(model, stage, variables, cfg, len(data.train_x),
+                                  n_epochs=epochs + 1, cache=cached)
+  start = spec.start
+  state = train.init_state(spec, variables, inputs)
+  x = jnp.asarray(data.train_x)
+  if start != model.groups[0]:
+    x = train.prefix_outputs(model, variables, x, model.groups[model.groups.index(start) - 1])
+  y = jnp.asarray(data.train_y)
+  keys = train.CellKeys.from_seed(0)
+  state, _ = _block(train.train_epoch(spec, state, x, y, keys.order, keys.dropout,
+                                      keys.augment, inputs))
+  t0 = time.perf_counter()
+  for e in range(epochs):
+    state, m = train.train_epoch(spec, state, x, y, jax.random.fold_in(keys.order, e),
+                                 keys.dropout, keys.augment, inputs)
+  _block(m)
+  return epochs * spec.steps_per_epoch * spec.batch_size / (time.perf_counter() - t0)
+
+
+def train_rates(model, variables, data, cfg) -> dict:
+  return {"full": _images_per_s(model, variables, "full", data, cfg, cached=False),
+          "linear_probe": _images_per_s(model, variables, "linear_probe", data, cfg, cached=True),
+          "linear_probe_uncached": _images_per_s(model, variables, "linear_probe", data, cfg,
+                                                 cached=False)}
+
+
+def linear_probe_cell(cell, pretrained, ds, model) -> dict:
+  """A warm linear-probe cell against one forward pass over its data and its head training."""
+  import jax.numpy as jnp
+  from tlresearch import cell as cell_lib
+  from tlresearch import io, models, strategies, train
+  with tempfile.TemporaryDirectory() as tmp:
+    for run in ("compile", "warm"):
+      cell_dir = os.path.join(tmp, run)
+      final = cell_lib.run(cell.config, cell.id, cell.axes, cell_dir, pretrained,
+                           log=lambda *_: None)
+    history = io.read_jsonl(os.path.join(cell_dir, "metrics.jsonl"))
+  strategy = strategies.get("linear_probe", model.groups)
+  keys = train.CellKeys.from_seed(cell.config.seed)
+  fresh = train.init_variables(model, keys.init, ds.train_x.shape[1:])
+  variables = models.merge_pretrained(fresh, pretrained,
+                                      cell_lib.not_loaded(cell.config, strategy, model.groups))
+  splits = [jnp.asarray(a) for a in (ds.train_x, ds.val_x, ds.test_x)]
+  stop = model.groups[-2]
+  _block([train.prefix_outputs(model, variables, x, stop) for x in splits])  # compiled
+  t0 = time.perf_counter()
+  _block([train.prefix_outputs(model, variables, x, stop) for x in splits])
+  forward = time.perf_counter() - t0
+  head = sum(r["seconds"] for r in history)
+  seconds = final["wall_seconds"]
+  return {"seconds": seconds, "forward_seconds": forward, "head_train_seconds": head,
+          "examples": int(sum(len(x) for x in splits)), "epochs": len(history),
+          "ratio_to_forward": seconds / forward,
+          "ratio_to_forward_plus_head": seconds / (forward + head)}
+
+
+def vmap_seeds(cfg, seeds: int = 3) -> dict | None:
+  try:
+    from tlresearch import seeds as seeds_lib
+  except ImportError:
+    return None
+  return seeds_lib.speedup(cfg, seeds=seeds)
+
+
+# ---------------------------------------------------------------- sweeps in new processes
+
+def _cache_with_pretrained(tmp: str) -> str:
+  """A project cache folder with the user's pretrained backbones and an empty compilation
+  cache: the sweep measures a cold compile with a warm checkpoint."""
+  from tlresearch import pretrain
+  cache = os.path.join(tmp, "cache")
+  os.makedirs(cache)
+  os.symlink(os.path.join(pretrain.default_cache_dir(), "pretrained"),
+             os.path.join(cache, "pretrained"))
+  return cache
+
+
+def _sweep(tmp: str, name: str, args: list[str], env: dict | None = None) -> float:
+  cmd = [sys.executable, "-m", "tlresearch.run", "--experiment=finetune_sweep",
+         f"--workdir={os.path.join(tmp, name, 'workdir')}",
+         f"--results_dir={os.path.join(tmp, name, 'results')}", "--no_progress", "--overwrite",
+         *args]
+  t0 = time.perf_counter()
+  proc = subprocess.run(cmd, check=False, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+  return time.perf_counter() - t0
+
+
+def compile_per_cell(tmp: str) -> dict:
+  """Compile seconds per cell (from final.json) for two cells in a new process: empty
+  persistent cache, then the same cells again in another new process."""
+  from tlresearch import io
+  cache = _cache_with_pretrained(os.path.join(tmp, "compile"))
+  small = ["--config.targets=['digits']", "--config.seeds=[0]",
+           "--config.grid=[{'strategy': ['linear_probe', 'full']}]"]
+  out = {}
+  for run in ("cold", "warm"):
+    _sweep(tmp, "compile", small, {"TLRESEARCH_CACHE_DIR": cache})
+    finals = [io.read_json(p) for p in
+              glob.glob(os.path.join(tmp, "compile", "workdir", "*", "final.json"))]
+    out[run] = sum(f["compile_seconds"] for f in finals) / len(finals)
+  return out
+
+
+def sweep_seconds(tmp: str, baseline: bool = False) -> float:
+  name = "baseline" if baseline else "sweep"
+  cache = _cache_with_pretrained(os.path.join(tmp, name))
+  env = {"TLRESEARCH_CACHE_DIR": cache}
+  args = []
+  if baseline:
+    env["TLRESEARCH_COMPILE_CACHE"] = "off"
+    args.append("--config.train.cache_frozen_prefix=False")
+  return _sweep(tmp, name, args, env)
+
+
+def measure(skip_sweep: bool = False, baseline: bool = False) -> dict:
+  import jax
+  from tlresearch import data as data_lib
+  from tlresearch import models, pretrain, sweep, train
+  sweep.enable_compile_cache(None)
+  cell = _default_cell("linear_probe")
+  cfg = cell.config
+  ds = data_lib.load_for(cfg)
+  model = models.build(cfg.model, ds.num_classes)
+  pretrained = pretrain.get_or_build(pretrain.for_model(cfg.pretrain, cfg.model),
+                                     cfg.cache_dir or None, log=lambda *_: None)[0]
+  variables = models.merge_pretrained(
+      train.init_variables(model, jax.random.key(0), ds.train_x.shape[1:]),
+      pretrained, (model.groups[-1],))
+  out = {"device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+         "jax": jax.__version__, "train_examples": int(len(ds.train_x)),
+         "batch_size": int(min(cfg.train.batch_size, len(ds.train_x)))}
+  out["train_images_per_s"] = train_rates(model, variables, ds, cfg.train)
+  out["linear_probe_cell"] = linear_probe_cell(cell, pretrained, ds, model)
+  out["vmap_seeds"] = vmap_seeds(cfg)
+  with tempfile.TemporaryDirectory() as tmp:
+    out["compile_seconds_per_cell"] = compile_per_cell(tmp)
+    if not skip_sweep:
+      out["sweep_seconds"] = sweep_seconds(tmp)
+    if baseline:
+      out["baseline_sweep_seconds"] = sweep_seconds(tmp, baseline=True)
+  return out
+
+
+def _round(tree):
+  if isinstance(tree, dict):
+    return {k: _round(v) for k, v in tree.items()}
+  return round(tree, 3) if isinstance(tree, float) else tree
+
+
+def main(argv: list[str]) -> int:
+  flags = _parse(argv)
+  result = measure(skip_sweep="--skip_sweep" in flags, baseline="--baseline" in flags)
+  print(json.dumps(_round(result)))
+  return 0
+
+
+def cli() -> None:
+  from tlresearch.errors import UserError
+  try:
+    code = main(sys.argv[1:])
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    code = 2
+  sys.exit(code)
+
+
+if __name__ == "__main__":
+  cli()
