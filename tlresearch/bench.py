@@ -127,12 +127,13 @@ def linear_probe_cell(cell, pretrained, ds, model) -> dict:
           "ratio_to_forward_plus_head": seconds / (forward + head)}
 
 
-def vmap_seeds(cfg, seeds: int = 3) -> dict | None:
-  try:
-    from tlresearch import seeds as seeds_lib
-  except ImportError:
-    return None
-  return seeds_lib.speedup(cfg, seeds=seeds)
+def vmap_seeds(cfg, n_train: int, seeds: int = 3) -> dict:
+  """One epoch of `seeds` seeds in one vmapped program vs one after another."""
+  from tlresearch import seeds as seeds_lib
+  out = seeds_lib.speedup(cfg.model, seeds=seeds, n_train=n_train,
+                          batch_size=int(cfg.train.batch_size))
+  return {k: out[k] for k in ("seeds", "vmap_images_per_s", "loop_images_per_s",
+                              "vmap_over_loop")}
 
 
 # ---------------------------------------------------------------- sweeps in new processes
@@ -206,7 +207,7 @@ def measure(skip_sweep: bool = False, baseline: bool = False) -> dict:
          "batch_size": int(min(cfg.train.batch_size, len(ds.train_x)))}
   out["train_images_per_s"] = train_rates(model, variables, ds, cfg.train)
   out["linear_probe_cell"] = linear_probe_cell(cell, pretrained, ds, model)
-  out["vmap_seeds"] = vmap_seeds(cfg)
+  out["vmap_seeds"] = vmap_seeds(cfg, len(ds.train_x))
   with tempfile.TemporaryDirectory() as tmp:
     out["compile_seconds_per_cell"] = compile_per_cell(tmp)
     if not skip_sweep:
