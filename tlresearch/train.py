@@ -19,6 +19,7 @@ Decisive properties (each has a test):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -107,6 +108,10 @@ def _compiled(fn, static, *args):
          shardings)
   if key not in _COMPILED:
     t0 = time.perf_counter()
+    if not compile_reuse():
+      # A new function object misses JAX's own trace and compile caches, which are keyed by
+      # the function: what a training loop that jits a fresh closure per run pays.
+      fn = functools.wraps(fn)(lambda *a, _fn=fn: _fn(*a))
     mesh = getattr(static, "mesh", None)
     # Data-parallel programs return replicated values, so that what one call returns (the
     # state, the cached prefix) is a valid input of the next, compiled for replicated inputs.
@@ -126,8 +131,9 @@ def clear_compile_cache():
 
 
 def compile_reuse() -> bool:
-  """False under `TLRESEARCH_COMPILE_CACHE=off`: every cell compiles its own programs and
-  nothing is cached on disk (how `tlresearch.bench --baseline` measures what reuse saves)."""
+  """False under `TLRESEARCH_COMPILE_CACHE=off`: every cell traces and compiles its own
+  programs and nothing is cached on disk (how `tlresearch.bench --baseline` measures what
+  reuse saves)."""
   return os.environ.get("TLRESEARCH_COMPILE_CACHE", "on") != "off"
 
 
