@@ -32,6 +32,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
   assert not (tmp_path / "results").exists()
 
 
+def test_bench_bad_flag_exits_2_with_one_line():
+  r = subprocess.run([sys.executable, "-m", "tlresearch.bench", "--fast"], capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip() == ("error: unknown argument '--fast'; valid: --baseline, --skip_sweep")
+  assert r.stdout == ""
+
+
 def test_list_names_experiments(capsys):
   assert run.main(["--list"]) == 0
   out = capsys.readouterr().out
