@@ -42,6 +42,27 @@ def test_frozen_params_and_batchnorm_stats_bit_identical(dataset, cache):
   assert out["cached_prefix"] is cache
 
 
+def test_cached_feature_probe_equals_the_uncached_probe(dataset):
+  """A linear probe on features computed once trains exactly what running the frozen
+  backbone every step trains: same accuracies, losses equal to float tolerance."""
+  model, variables, strategy = _setup("linear_probe")
+  outs = [train.fit(model, variables, strategy, dataset,
+                    tiny_train_cfg(epochs=3, cache_frozen_prefix=cache),
+                    train.CellKeys.from_seed(0), log=lambda *_: None) for cache in (True, False)]
+  cached, uncached = outs
+  assert cached["cached_prefix"] and not uncached["cached_prefix"]
+  for key in ("train_accuracy", "val_accuracy"):
+    assert [r[key] for r in cached["history"]] == [r[key] for r in uncached["history"]]
+  for key in ("train_loss", "val_loss"):
+    np.testing.assert_allclose([r[key] for r in cached["history"]],
+                               [r[key] for r in uncached["history"]], rtol=1e-5)
+  assert cached["test"]["accuracy"] == uncached["test"]["accuracy"]
+  assert cached["val"]["accuracy"] == uncached["val"]["accuracy"]
+  np.testing.assert_array_equal(cached["test_predictions"], uncached["test_predictions"])
+  for a, b in zip(jax.tree.leaves(cached["variables"]), jax.tree.leaves(uncached["variables"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_no_optimizer_state_for_frozen_groups():
   model, variables, _ = _setup("linear_probe")
   params = variables["params"]
