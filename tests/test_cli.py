@@ -68,6 +68,7 @@ def test_invalid_values_fail_before_training(tmp_path):
   assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end_writes_tables(tmp_path, capsys):
   grid = ("[{'strategy': ['linear_probe', 'partial:k=1', 'full', 'scratch']},"
           " {'strategy': ['linear_probe'], 'model.dropout_rate': [0.5]}]")

@@ -68,6 +68,7 @@ def _rows(path):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_cell_then_resume_gives_the_uninterrupted_table(tmp_path, capsys):
   # The reference: one uninterrupted run (in this process).
   with tfds.testing.mock_data(num_examples=24):
@@ -264,6 +265,7 @@ def test_second_sweep_on_a_workdir_in_use_exits_at_once(tmp_path):
   assert io.directory_lock(str(tmp_path / "work-busy")).acquire()
 
 
+@pytest.mark.slow
 def test_two_sweeps_side_by_side_with_different_workdirs(tmp_path):
   # Both need the same (missing) pretrained backbone: one builds it, the other waits on its
   # lock and reuses it; neither disturbs the other's cells or tables.

@@ -125,6 +125,7 @@ def _same_results(root, name, also=()):
     assert (single / f).read_bytes() == (merged / f).read_bytes(), f
 
 
+@pytest.mark.slow
 def test_two_tasks_and_merge_equal_one_process(tmp_path, cache, monkeypatch, capsys):
   grid_flag = "--config.grid=[{'strategy': ['linear_probe', 'full', 'scratch']}]"
   args = lambda tag, *extra: _args(tmp_path, cache, "finetune_sweep", tag, grid_flag, *extra)
