@@ -63,5 +63,6 @@ def test_compiled_init_is_bitwise_the_eager_init():
   eager = model.init(key, jnp.zeros((1, 16, 16, 3), jnp.float32))
   compiled = train.init_variables(model, key, (16, 16, 3))
   assert jax.tree.structure(eager) == jax.tree.structure(compiled)
+  assert tuple(compiled["params"]) == tuple(eager["params"]) == model.groups
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(compiled)):
     np.testing.assert_array_equal(a, b)

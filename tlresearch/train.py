@@ -146,7 +146,12 @@ def init_variables(model, key, input_shape) -> dict:
   the first init in a process dispatches and compiles every op on its own, 10-20 s on this
   CPU. The values are bitwise those of the eager init (tested)."""
   x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-  return _compiled(_init_variables, model, key, x)(key, x)
+  out = _compiled(_init_variables, model, key, x)(key, x)
+  # A compiled program returns dicts with sorted keys; keep the groups in network order,
+  # as the eager init does.
+  order = {g: i for i, g in enumerate(model.groups)}
+  return {c: dict(sorted(tree.items(), key=lambda kv: order.get(kv[0], len(order))))
+          for c, tree in out.items()}
 
 
 # ---------------------------------------------------------------- params split
