@@ -1,4 +1,9 @@
-"""Shared building blocks of the experiment configs (not an experiment itself)."""
+"""The one base config of every experiment (`sweep()`), and its blocks.
+
+An experiment starts from `sweep()` and changes only what it declares; `tlresearch.run`
+applies the command line's overrides and then locks the config, so a misspelt key is an
+error. Every key the code reads is here, with its default and what it means.
+"""
 from __future__ import annotations
 
 import ml_collections
@@ -12,6 +17,8 @@ def model(**overrides) -> ml_collections.ConfigDict:
   m.num_stages = 3             # groups: stem, stage1..stage{num_stages}, head
   m.stem_strides = 2           # 2: stages run at 16/8/4 px, ~10x faster on CPU than 32/16/8
   m.dropout_rate = 0.0         # dropout on the pooled features, before the classifier
+  m.input_size = None          # None: the dataset's own image size; N: images resized to N x N
+  m.pretrained = ""            # "": the project's source pretraining (config.pretrain)
   m.update(overrides)
   return m
 
@@ -30,7 +37,7 @@ def train(**overrides) -> ml_collections.ConfigDict:
   t.data_parallel = True       # split each batch over all local devices (fewer if the batch
   #                              does not divide by their number); False: one device. Only
   #                              float reduction order depends on it, so it is operational
-  #                              (grid.OPERATIONAL_KEYS): it never invalidates a finished cell
+  #                              (not in cell.IDENTITY_FIELDS): it never invalidates a cell
   t.bn_stats = "update"        # update: BatchNorm of trainable groups uses batch statistics and
   #                              updates them; frozen: every BatchNorm in inference mode
   t.augment = ml_collections.ConfigDict()
@@ -48,12 +55,10 @@ def train(**overrides) -> ml_collections.ConfigDict:
   t.early_stopping.patience = 5  # epochs without improvement before stopping
   t.early_stopping.min_delta = 0.0  # smallest change that counts as improvement
   # How a configuration's seeds train: "loop" one after another, "vmap" all in one vmapped
-  # program (tlresearch.seeds, on one device), "auto" loop on CPU or on several devices
-  # (each seed then data parallel), vmap on a single GPU/TPU. On this project's 2-core CPU,
-  # 3 vmapped seeds ran ~3x slower than the loop (XLA:CPU gains nothing from the extra batch
-  # dimension); vmap on an accelerator is expected to help a small model that underuses the
-  # device, but was not measured here. Operational: results agree within float
-  # tolerance, and cells are not invalidated by changing it (grid.OPERATIONAL_KEYS).
+  # program (on one device), "auto" loop on CPU or on several devices (each seed then data
+  # parallel), vmap on a single GPU/TPU (tlresearch.train.seeds_mode; measurements in
+  # docs/performance.md). Operational: results agree within float tolerance, so it is not
+  # part of a cell's identity (tlresearch.cell.IDENTITY_FIELDS).
   t.seeds_mode = "auto"
   t.update(overrides)
   return t
@@ -68,8 +73,21 @@ def pretrain() -> ml_collections.ConfigDict:
   p.model = model()            # its architecture fields are taken from the fine-tuned model
   p.train = train(epochs=12, batch_size=128, lr=0.1)
   p.train.early_stopping.patience = 3
-  del p.train["seeds_mode"]    # one seed; and its absence keeps the pretrained cache keys
   return p
+
+
+def data() -> ml_collections.ConfigDict:
+  """How tfds: and folder: datasets are read and split (tlresearch.data.splits.DataOptions);
+  the project's own datasets ignore it."""
+  d = ml_collections.ConfigDict()
+  d.download = False           # tfds: may this run download and prepare a missing dataset
+  d.val_fraction = 0.1         # carved from train (per class) when a dataset has no validation
+  d.test_fraction = 0.2        # carved from train the same way when it has no test split
+  d.split_seed = 0             # fixed carve: every seed and strategy sees the same val / test
+  d.vtab1k = False             # VTAB-1k: 800 train + 200 validation drawn from train
+  d.val_examples = 0           # >0: a fixed random subset of validation (CPU smoke runs)
+  d.test_examples = 0          # >0: the same for test; 0 = the whole split
+  return d
 
 
 def checkpoint() -> ml_collections.ConfigDict:
@@ -112,6 +130,7 @@ def sweep(**overrides) -> ml_collections.ConfigDict:
   c.probes = []                # extra measurements (tlresearch.probes.PROBES)
   c.data_dir = ""              # "" -> $TLRESEARCH_DATA_DIR or ~/.cache/tlresearch/tensorflow_datasets
   c.cache_dir = ""             # "" -> $TLRESEARCH_CACHE_DIR or ~/.cache/tlresearch (checkpoints)
+  c.data = data()              # how tfds:/folder: datasets are read and split
   c.model = model()            # the fine-tuned network (architecture must match the pretrained one)
   c.train = train()            # fine-tuning optimisation and regularisers
   c.pretrain = pretrain()      # how the source backbone is made (cached by this config)

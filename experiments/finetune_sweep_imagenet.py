@@ -38,38 +38,17 @@ def model() -> ml_collections.ConfigDict:
   return m
 
 
-def data() -> ml_collections.ConfigDict:
-  d = ml_collections.ConfigDict()
-  d.download = False           # tfds: may this run download and prepare a missing dataset
-  d.val_fraction = 0.1         # carved from train (per class) when a dataset has no validation
-  d.test_fraction = 0.2        # carved from train the same way when it has no test split
-  d.split_seed = 0             # fixed carve: every seed and strategy sees the same val / test
-  d.vtab1k = False             # VTAB-1k: 800 train + 200 validation drawn from train
-  d.val_examples = 0           # >0: a fixed random subset of validation (CPU smoke runs)
-  d.test_examples = 0          # >0: the same for test; 0 = the whole split
-  return d
-
-
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.kind = "sweep"             # what tlresearch.run does with this config
-  c.targets = ["tfds:oxford_flowers102"]  # grid axis: tfds:NAME | folder:PATH | built-in names
-  c.seeds = [0, 1, 2]          # grid axis: paired seeds
-  c.target = "tfds:oxford_flowers102"  # set per cell from `targets`
-  c.seed = 0                   # set per cell from `seeds`
-  c.k_shot = 0                 # training examples per class (0 -> the whole train split)
-  c.strategy = "full"          # set per cell from the grid; see tlresearch.strategies
-  c.data_dir = ""              # "" -> $TLRESEARCH_DATA_DIR or ~/.cache/tlresearch/tensorflow_datasets
-  c.cache_dir = ""             # "" -> $TLRESEARCH_CACHE_DIR or ~/.cache/tlresearch (compile cache)
-  c.data = data()              # how tfds:/folder: datasets are read and split
+  c = _common.sweep(targets=["tfds:oxford_flowers102"], seeds=[0, 1, 2], k_shot=0,
+                    target="tfds:oxford_flowers102")
   c.model = model()            # the backbone and its weights
   # VGG16 has no BatchNorm: a smaller rate than the small ResNet's, 32 images a step.
   c.train = _common.train(epochs=20, batch_size=32, lr=0.01)
+  c.train.augment.horizontal_flip = True  # flowers (unlike glyphs) are mirror-symmetric
+  c.selection.enabled = False  # one shared lr (each cell is costly at 224 px)
   c.grid = [                   # blocks of axes, each crossed with targets x seeds
       {"strategy": STRATEGIES},
       {"strategy": ["linear_probe", "full"], "model.dropout_rate": [0.5]},
       {"strategy": ["linear_probe", "full"], "train.augment.enabled": [True]},
   ]
-  c.report = _common.report()  # table labels
-  c.train.augment.horizontal_flip = True  # flowers (unlike glyphs) are mirror-symmetric
   return c

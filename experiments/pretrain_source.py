@@ -9,8 +9,6 @@ from experiments import _common
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.kind = "pretrain"          # what tlresearch.run does with this config
-  c.cache_dir = ""             # "" -> $TLRESEARCH_CACHE_DIR or ~/.cache/tlresearch
-  c.pretrain = _common.pretrain()  # the source task, backbone and training
+  c = _common.sweep()
+  c.kind = "pretrain"          # what tlresearch.run does with this config: only c.pretrain
   return c

@@ -71,6 +71,13 @@ def test_markdown_states_claim_numbers_verdict_and_command():
   assert "a - b: +2.4 points [" in md
 
 
+def test_evidence_follows_the_metric_definition():
+  r = findings.Results(_finals([0.002] * 5, base=0.01, spread=0.001, metric="feature_change"))
+  (text,) = findings.not_worse(r, A, B, "a", "b", 0.001, "feature_change").evidence
+  assert text.startswith("a - b: +0.002 [+0.002, +0.002], P(improvement) = 1.00")  # as is
+  assert text.endswith("(margin 0.001)")  # no "points": not a percentage
+
+
 def _sel_config():
   c = _common.sweep(targets=["digits"], seeds=[0, 1])
   c.grid = [{"strategy": ["linear_probe", "full"]}]

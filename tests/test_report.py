@@ -40,3 +40,18 @@ def test_failed_cells_are_marked_not_averaged():
 def test_runs_csv_one_row_per_cell():
   rows = list(csv.DictReader(io.StringIO(report.runs_csv(_finals(), ["strategy", "target", "seed"]))))
   assert len(rows) == 12 and rows[0]["strategy"] == "full" and rows[0]["test_accuracy"] == "0.8"
+
+
+def test_metric_definitions_set_name_unit_and_digits():
+  """report.METRICS drives headings, values and differences; a field not in it is a fraction
+  named by its key."""
+  finals = _finals()
+  for f in finals:
+    f["score"] = f["test_accuracy"]
+    f["epochs_run"] += 10 * f["axes"]["seed"]
+  md = report.table_markdown(finals, ["strategy", "target", "seed"], {}, "t",
+                             reference=("full",), metrics=["epochs_run", "score"])
+  assert "## epochs run, mean ± 95% CI over 3 seeds" in md  # shown as is: no "(%)"
+  assert "| full | 12 ± 24.8 | 12 ± 24.8 | 100 / 100 |" in md  # 3 significant digits
+  assert "## score (%), mean ± 95% CI" in md and "| full | 81.0 ± 2.5 |" in md
+  assert "(strategy=full), epochs run: mean" in md and "(strategy=full), score points: mean" in md

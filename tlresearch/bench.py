@@ -19,7 +19,8 @@ training set of the default `finetune_sweep` cell, digits target, seed 0):
                                        pretrained checkpoint, empty compilation cache
   baseline_sweep_seconds (--baseline)  the same sweep without this project's speed-ups:
                                        frozen prefixes run every step, every cell compiles its
-                                       own programs, no persistent compilation cache
+                                       own programs (`jax.clear_caches()` before each), no
+                                       persistent compilation cache
 
 Nothing is written to results/: the sweeps run in a temporary workdir and results folder.
 The pretrained backbone comes from the project cache (built there if missing).
@@ -69,23 +70,23 @@ def _images_per_s(model, variables, strategy_name, data, cfg, cached: bool,
   excluded)."""
   import jax
   import jax.numpy as jnp
-  from tlresearch import strategies, train
+  from tlresearch import programs, strategies, train
   stage = strategies.get(strategy_name, model.groups).stages[0]
   spec, inputs = train.stage_spec(model, stage, variables, cfg, len(data.train_x),
                                   n_epochs=epochs + 1, cache=cached)
   start = spec.start
-  state = train.init_state(spec, variables, inputs)
+  state = programs.init_state(spec, variables, inputs)
   x = jnp.asarray(data.train_x)
   if start != model.groups[0]:
-    x = train.prefix_outputs(model, variables, x, model.groups[model.groups.index(start) - 1])
+    x = programs.prefix_outputs(model, variables, x, model.groups[model.groups.index(start) - 1])
   y = jnp.asarray(data.train_y)
   keys = train.CellKeys.from_seed(0)
-  state, _ = _block(train.train_epoch(spec, state, x, y, keys.order, keys.dropout,
-                                      keys.augment, inputs))
+  state, _ = _block(programs.train_epoch(spec, state, x, y, keys.order, keys.dropout,
+                                         keys.augment, inputs))
   t0 = time.perf_counter()
   for e in range(epochs):
-    state, m = train.train_epoch(spec, state, x, y, jax.random.fold_in(keys.order, e),
-                                 keys.dropout, keys.augment, inputs)
+    state, m = programs.train_epoch(spec, state, x, y, jax.random.fold_in(keys.order, e),
+                                    keys.dropout, keys.augment, inputs)
   _block(m)
   return epochs * spec.steps_per_epoch * spec.batch_size / (time.perf_counter() - t0)
 
@@ -101,23 +102,22 @@ def _head_training_seconds(model, variables, ds, cfg, epochs: int) -> float:
   """What a probe cell's training costs once the features exist: `epochs` epochs of the
   head's train step on the cached features, each followed by the validation pass on them."""
   import jax.numpy as jnp
-  from tlresearch import strategies, train
+  from tlresearch import programs, strategies, train
   stage = strategies.get("linear_probe", model.groups).stages[0]
   spec, inputs = train.stage_spec(model, stage, variables, cfg, len(ds.train_x), epochs)
   stop = model.groups[model.groups.index(spec.start) - 1]
-  x, vx = (_block(train.prefix_outputs(model, variables, jnp.asarray(a), stop))
+  x, vx = (_block(programs.prefix_outputs(model, variables, jnp.asarray(a), stop))
            for a in (ds.train_x, ds.val_x))
   y, vy = jnp.asarray(ds.train_y), jnp.asarray(ds.val_y)
   keys = train.CellKeys.from_seed(0)
 
   def run():
-    state = train.init_state(spec, variables, inputs)
+    state = programs.init_state(spec, variables, inputs)
     for _ in range(epochs):
-      state, m = train.train_epoch(spec, state, x, y, keys.order, keys.dropout, keys.augment,
-                                   inputs)
+      state, m = programs.train_epoch(spec, state, x, y, keys.order, keys.dropout,
+                                      keys.augment, inputs)
       float(m["train_loss"])  # the host reads the metrics each epoch, as fit does
-      train.evaluate(model, {"params": state.params, "batch_stats": state.batch_stats}, vx, vy,
-                     spec.start)
+      programs.evaluate(model, programs.variables_of(state), vx, vy, spec.start)
 
   run()  # compiles
   t0 = time.perf_counter()
@@ -130,21 +130,20 @@ def linear_probe_cell(cell, pretrained, ds, model) -> dict:
   its head training on the features."""
   import jax.numpy as jnp
   from tlresearch import cell as cell_lib
-  from tlresearch import models, strategies, train
+  from tlresearch import models, programs, strategies, train
   with tempfile.TemporaryDirectory() as tmp:
     for run in ("compile", "warm"):
-      final = cell_lib.run(cell.config, cell.id, cell.axes, os.path.join(tmp, run), pretrained,
-                           log=lambda *_: None)
+      (final,) = cell_lib.run([cell], [os.path.join(tmp, run)], pretrained)
   strategy = strategies.get("linear_probe", model.groups)
   keys = train.CellKeys.from_seed(cell.config.seed)
-  fresh = train.init_variables(model, keys.init, ds.train_x.shape[1:])
+  fresh = programs.init_variables(model, keys.init, ds.train_x.shape[1:])
   variables = models.merge_pretrained(fresh, pretrained,
                                       cell_lib.not_loaded(cell.config, strategy, model.groups))
   splits = [jnp.asarray(a) for a in (ds.train_x, ds.val_x, ds.test_x)]
   stop = model.groups[-2]
-  _block([train.prefix_outputs(model, variables, x, stop) for x in splits])  # compiled
+  _block([programs.prefix_outputs(model, variables, x, stop) for x in splits])  # compiled
   t0 = time.perf_counter()
-  _block([train.prefix_outputs(model, variables, x, stop) for x in splits])
+  _block([programs.prefix_outputs(model, variables, x, stop) for x in splits])
   forward = time.perf_counter() - t0
   head = _head_training_seconds(model, variables, ds, cell.config.train, final["epochs_run"])
   seconds = final["wall_seconds"]
@@ -154,13 +153,54 @@ def linear_probe_cell(cell, pretrained, ds, model) -> dict:
           "ratio_to_forward_plus_head": seconds / (forward + head)}
 
 
-def vmap_seeds(cfg, n_train: int, seeds: int = 3) -> dict:
-  """One epoch of `seeds` seeds in one vmapped program vs one after another."""
-  from tlresearch import seeds as seeds_lib
-  out = seeds_lib.speedup(cfg.model, seeds=seeds, n_train=n_train,
-                          batch_size=int(cfg.train.batch_size))
-  return {k: out[k] for k in ("seeds", "vmap_images_per_s", "loop_images_per_s",
-                              "vmap_over_loop")}
+def vmap_seeds(model_cfg, train_cfg, n_train: int, seeds: int = 3, num_classes: int = 10,
+               image_size: int = 32, strategy: str = "full", repeats: int = 2) -> dict:
+  """Training throughput of `seeds` seeds in one vmapped program (`programs.Stacked`) vs
+  one after another (`programs.Single`): one epoch of each, best of `repeats` after a first
+  epoch that compiles, on random uint8 images. images/s count all seeds' images."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from tlresearch import models, programs, strategies, train
+  model = models.build(model_cfg, num_classes)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 256, (seeds, n_train, image_size, image_size, 3), np.uint8))
+  y = jnp.asarray(rng.integers(0, num_classes, (seeds, n_train)), jnp.int32)
+  keys = [train.CellKeys.from_seed(s) for s in range(seeds)]
+  starts = [programs.init_variables(model, k.init, (image_size, image_size, 3)) for k in keys]
+  stage = strategies.get(strategy, model.groups).stages[0]
+  spec, inputs = train.stage_spec(model, stage, starts[0], train_cfg, n_train, n_epochs=10)
+  single = programs.Single()
+  stacked = programs.Stacked(seeds)
+  loop_states = [single.init_state(spec, v, inputs) for v in starts]
+  stacked_inputs = stacked.per_seed_inputs(inputs)
+  state = stacked.init_state(spec, stacked.stack(starts), stacked_inputs)
+  stacked_keys = {f: stacked.stack([getattr(k, f) for k in keys])
+                  for f in ("order", "dropout", "augment")}
+  active = np.ones(seeds, bool)
+
+  def loop():
+    return [single.train_epoch(spec, st, x[s], y[s], k.order, k.dropout, k.augment, inputs,
+                               active[:1])
+            for s, (st, k) in enumerate(zip(loop_states, keys))]
+
+  def vmapped():
+    return stacked.train_epoch(spec, state, x, y, stacked_keys["order"],
+                               stacked_keys["dropout"], stacked_keys["augment"],
+                               stacked_inputs, active)
+
+  images = seeds * spec.steps_per_epoch * spec.batch_size
+  out = {"seeds": seeds}
+  for name, epoch in (("vmap", vmapped), ("loop", loop)):
+    jax.block_until_ready(epoch())  # compiles
+    times = []
+    for _ in range(max(1, repeats)):
+      t0 = time.perf_counter()
+      jax.block_until_ready(epoch())
+      times.append(time.perf_counter() - t0)
+    out[f"{name}_images_per_s"] = images / min(times)
+  out["vmap_over_loop"] = out["vmap_images_per_s"] / out["loop_images_per_s"]
+  return out
 
 
 # ---------------------------------------------------------------- sweeps in new processes
@@ -177,7 +217,11 @@ def _cache_with_pretrained(tmp: str) -> str:
 
 
 def _sweep(tmp: str, name: str, args: list[str], env: dict | None = None) -> float:
-  cmd = [sys.executable, "-m", "tlresearch.run", "--experiment=finetune_sweep",
+  entry = ["-m", "tlresearch.run"]
+  if _BASELINE_FLAG in args:
+    args = [a for a in args if a != _BASELINE_FLAG]
+    entry = ["-c", "import sys; from tlresearch import bench; bench.baseline_main(sys.argv[1:])"]
+  cmd = [sys.executable, *entry, "--experiment=finetune_sweep",
          f"--workdir={os.path.join(tmp, name, 'workdir')}",
          f"--results_dir={os.path.join(tmp, name, 'results')}", "--no_progress", "--overwrite",
          *args]
@@ -208,33 +252,53 @@ def sweep_seconds(tmp: str, baseline: bool = False) -> float:
   name = "baseline" if baseline else "sweep"
   cache = _cache_with_pretrained(os.path.join(tmp, name))
   env = {"TLRESEARCH_CACHE_DIR": cache}
-  args = []
-  if baseline:
-    env["TLRESEARCH_COMPILE_CACHE"] = "off"
-    args.append("--config.train.cache_frozen_prefix=False")
+  args = ["--config.train.cache_frozen_prefix=False", _BASELINE_FLAG] if baseline else []
   return _sweep(tmp, name, args, env)
+
+
+_BASELINE_FLAG = "--bench_baseline"
+
+
+def baseline_main(argv: list[str]) -> None:
+  """`tlresearch.run`'s main with the reuse of compiled programs switched off, as in a
+  training loop that jits fresh functions for every run: every cell (or seed group) starts
+  with JAX's caches cleared, and there is no persistent compilation cache."""
+  import jax
+  from tlresearch import cell as cell_lib
+  from tlresearch import run, sweep
+  jax.config.update("jax_enable_compilation_cache", False)
+  sweep.enable_compile_cache = lambda _: None
+  run_cells = cell_lib.run
+
+  def fresh_run(*args, **kwargs):
+    jax.clear_caches()
+    return run_cells(*args, **kwargs)
+
+  cell_lib.run = fresh_run
+  sys.argv = ["tlresearch.run"] + argv
+  run.cli()
 
 
 def measure(skip_sweep: bool = False, baseline: bool = False) -> dict:
   import jax
   from tlresearch import data as data_lib
-  from tlresearch import models, pretrain, sweep, train
+  from tlresearch import models, pretrain, programs, sweep
   sweep.enable_compile_cache(None)
   cell = _default_cell("linear_probe")
   cfg = cell.config
   ds = data_lib.load_for(cfg)
   model = models.build(cfg.model, ds.num_classes)
   pretrained = pretrain.get_or_build(pretrain.for_model(cfg.pretrain, cfg.model),
-                                     cfg.cache_dir or None, log=lambda *_: None)[0]
+                                     cfg.cache_dir or None)[0]
   variables = models.merge_pretrained(
-      train.init_variables(model, jax.random.key(0), ds.train_x.shape[1:]),
+      programs.init_variables(model, jax.random.key(0), ds.train_x.shape[1:]),
       pretrained, (model.groups[-1],))
   out = {"device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
          "jax": jax.__version__, "train_examples": int(len(ds.train_x)),
          "batch_size": int(min(cfg.train.batch_size, len(ds.train_x)))}
   out["train_images_per_s"] = train_rates(model, variables, ds, cfg.train)
   out["linear_probe_cell"] = linear_probe_cell(cell, pretrained, ds, model)
-  out["vmap_seeds"] = vmap_seeds(cfg, len(ds.train_x))
+  out["vmap_seeds"] = vmap_seeds(cfg.model, cfg.train, len(ds.train_x))
   with tempfile.TemporaryDirectory() as tmp:
     out["compile_seconds_per_cell"] = compile_per_cell(tmp)
     if not skip_sweep:

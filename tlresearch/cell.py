@@ -1,144 +1,216 @@
-"""One grid cell: data, model, strategy, fit, metrics -> files in the cell's folder."""
+"""Grid cells: what decides a cell's result, its checks, and its training -> files.
+
+A cell's folder holds `config.json`, `metrics.jsonl` and `final.json`; the tables are built
+from `final.json` alone. `run` trains one cell or several that differ only in seed (one
+`train.fit`), writing the same files for each.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import time
 
+from flax import traverse_util
 from sklearn import metrics as skm
 
+from tlresearch import checkpoint, configs, io, models, optim, probes, programs, strategies
 from tlresearch import data as data_lib
-from tlresearch import checkpoint, grid, io, models, optim, probes, seeds, strategies, train
-from tlresearch.strategies import resolve
-from flax import traverse_util
+from tlresearch import pretrain, train
+from tlresearch.errors import UserError
 
+log = logging.getLogger(__name__)
+
+# The fields that decide a cell's result; bump the version when their meaning changes.
+# Not listed, so never part of a cell's identity: how it runs (checkpoint, train.seeds_mode,
+# train.data_parallel), where caches live (cache_dir), the grid and report blocks.
+IDENTITY_VERSION = 2
+TRAIN_FIELDS = tuple(f"train.{k}" for k in (
+    "epochs", "batch_size", "optimizer", "lr", "warmup_epochs", "weight_decay", "momentum",
+    "cache_frozen_prefix", "min_steps", "bn_stats", "augment", "early_stopping"))
+IDENTITY_FIELDS = ("target", "seed", "k_shot", "class_subset", "data_dir", "data", "strategy",
+                   "pretrained_head", "probes", "model") + TRAIN_FIELDS
+
+
+def identity(config) -> dict:
+  """What decides a cell's result (a ConfigDict or a saved config dict): its fields, and
+  the identity of the pretrained backbone it starts from."""
+  out = configs.pick(config, IDENTITY_FIELDS, IDENTITY_VERSION)
+  try:
+    out["pretrain"] = pretrain.identity(configs.get_path(config, "pretrain"),
+                                        configs.get_path(config, "model"))
+  except UserError:
+    out["pretrain"] = configs.MISSING
+  return out
+
+
+def fingerprint(cfg) -> str:
+  return configs.digest(identity(cfg))
+
+
+def configuration_key(cfg) -> str:
+  """Cells with equal keys differ only in seed: they can train together (`run`)."""
+  ident = identity(cfg)
+  del ident["seed"]
+  return json.dumps(ident, sort_keys=True)
+
+
+# ---------------------------------------------------------------- checks
+
+def check(cfg) -> None:
+  """UserError for any invalid value in a cell's config, before anything trains."""
+  data_lib.check_name(cfg.target)
+  models.build(cfg.model, 2)  # family and architecture fields
+  groups = models.groups_of(cfg.model)
+  strategy = strategies.get(cfg.strategy, groups)
+  paths = models.param_paths(cfg.model)
+  for stage in strategy.stages:
+    try:
+      strategies.resolve(stage.rules, paths)
+    except ValueError as e:
+      raise UserError(f"strategy '{cfg.strategy}': {e}") from None
+  if not strategies.trains(strategy, paths, groups[-1]) and not (cfg.pretrained_head
+                                                                 and strategy.pretrained):
+    raise UserError(f"strategy '{cfg.strategy}' never trains the head, so the head must come "
+                    "from pretraining: set pretrained_head=True (the target must have the "
+                    "source task's classes)")
+  probes.check(tuple(cfg.probes))
+  if strategy.pretrained:
+    models.check_pretrained(cfg.model)  # e.g. missing ImageNet weights: fail now, not later
+  if not 0 <= cfg.model.dropout_rate < 1:
+    raise UserError(f"model.dropout_rate must be in [0, 1), got {cfg.model.dropout_rate}")
+  if cfg.k_shot is not None and cfg.k_shot < 0:
+    raise UserError(f"k_shot must be >= 1 (or 0 / None for all examples), got {cfg.k_shot}")
+  train.check(cfg.train)
+
+
+def check_all(cells) -> None:
+  """Every cell's values, every (target, classes, k_shot, seed, size) subset actually
+  loadable, and a pretrained head only where the target has the source task's classes."""
+  for cell in cells:
+    check(cell.config)
+  loaded = set()
+  for c in cells:
+    cfg = c.config
+    key = json.dumps([cfg.target, cfg.data_dir, cfg.class_subset, cfg.k_shot or 0, cfg.seed,
+                      cfg.model.input_size, cfg.data.to_dict()], sort_keys=True)
+    if key not in loaded:
+      loaded.add(key)
+      data_lib.load_for(cfg)
+  for c in cells:
+    if c.config.pretrained_head:
+      p = c.config.pretrain
+      source = data_lib.load(p.dataset, data_dir=p.data_dir or None, class_subset=p.class_subset)
+      target = data_lib.load(c.config.target, data_dir=c.config.data_dir or None,
+                             class_subset=c.config.class_subset)
+      if source.num_classes != target.num_classes:
+        raise UserError(f"pretrained_head=True needs the source's {source.num_classes} classes, "
+                        f"but {c.config.target} has {target.num_classes}")
+
+
+def finished(cell_dir: str, cell) -> dict | None:
+  """The cell's final.json when it finished under exactly this config, else None."""
+  try:
+    saved = io.read_json(os.path.join(cell_dir, "config.json"))
+    final = io.read_json(os.path.join(cell_dir, "final.json"))
+  except (OSError, ValueError):
+    return None
+  same = identity(saved.get("config", {})) == identity(cell.config)
+  return final if same and final.get("status") in ("ok", "diverged") else None
+
+
+# ---------------------------------------------------------------- training
 
 def trainable_params(variables, strategy) -> int:
   """Largest number of trainable parameters over the strategy's stages."""
   paths = traverse_util.flatten_dict(variables["params"], sep="/").keys()
-  return max(optim.count(variables["params"], resolve(s.rules, paths)) for s in strategy.stages)
+  return max(optim.count(variables["params"], strategies.resolve(s.rules, paths))
+             for s in strategy.stages)
 
 
 def not_loaded(cfg, strategy, groups) -> tuple[str, ...]:
   """Groups that keep their fresh init: the head (a new task's head is new, unless the cell
   asks for the source head), and the groups above a strategy's `transfer_groups`."""
-  head = () if cfg.get("pretrained_head", False) else (groups[-1],)
+  head = () if cfg.pretrained_head else (groups[-1],)
   above = () if strategy.transfer_groups is None else tuple(groups[strategy.transfer_groups:-1])
   return above + head
 
 
-def run(cfg, cell_id: str, axes: dict, cell_dir: str, pretrained: dict | None, log=print) -> dict:
-  """Trains one cell and writes config.json, metrics.jsonl and final.json to `cell_dir`."""
+def run(cells, cell_dirs, pretrained: dict | None) -> list[dict]:
+  """Trains cells that differ only in seed (one cell is the common case) with one
+  `train.fit`, and writes config.json, metrics.jsonl and final.json to each cell's folder.
+  Returns the final.json records; compile_seconds and wall_seconds are each cell's equal
+  share of the group's."""
   t0 = time.perf_counter()
-  _fresh_programs_for_baseline()
-  compile0 = train.COMPILE_SECONDS[0]
-  _write_config(cfg, cell_id, axes, cell_dir)
-  ds, data_report = _load(cfg, log)
-  model = models.build(cfg.model, ds.num_classes)
-  strategy = strategies.get(cfg.strategy, model.groups)
-  keys = train.CellKeys.from_seed(cfg.seed)
-  variables = _start_variables(cfg, model, strategy, keys, ds, pretrained)
-  ckpt = _checkpointer(cfg, cell_dir, log)
-  result = train.fit(model, variables, strategy, ds, cfg.train, keys, log, checkpointer=ckpt)
-  final = final_record(cfg, cell_id, axes, ds, data_report, model, strategy, variables, result)
-  final["compile_seconds"] = train.COMPILE_SECONDS[0] - compile0
-  final["wall_seconds"] = time.perf_counter() - t0
-  _write_results(cell_dir, result, final, ckpt)
-  return final
-
-
-def run_seeds(cfgs, cell_ids, axes_list, cell_dirs, pretrained: dict | None,
-              log=print) -> list[dict]:
-  """`run` for cells that differ only in seed, trained together (tlresearch.seeds.fit_seeds);
-  writes the same files with the same fields. compile_seconds and wall_seconds are each
-  cell's equal share of the group's."""
-  t0 = time.perf_counter()
-  _fresh_programs_for_baseline()
-  compile0 = train.COMPILE_SECONDS[0]
-  for cfg, cell_id, axes, cell_dir in zip(cfgs, cell_ids, axes_list, cell_dirs):
-    _write_config(cfg, cell_id, axes, cell_dir)
-  loaded = [_load(cfg, log) for cfg in cfgs]
-  datas = [ds for ds, _ in loaded]
-  model = models.build(cfgs[0].model, datas[0].num_classes)  # one module for every seed
-  strategy = strategies.get(cfgs[0].strategy, model.groups)
-  keys = [train.CellKeys.from_seed(cfg.seed) for cfg in cfgs]
-  starts = [_start_variables(cfg, model, strategy, k, ds, pretrained)
-            for cfg, k, ds in zip(cfgs, keys, datas)]
-  ckpts = [_checkpointer(cfg, d, log) for cfg, d in zip(cfgs, cell_dirs)]
-  results = seeds.fit_seeds(model, starts, strategy, datas, cfgs[0].train, keys, log,
-                            checkpointers=ckpts)
-  finals = [final_record(cfg, cell_id, axes, ds, data_report, model, strategy, v, result)
-            for cfg, cell_id, axes, (ds, data_report), v, result
-            in zip(cfgs, cell_ids, axes_list, loaded, starts, results)]
-  share = {"compile_seconds": (train.COMPILE_SECONDS[0] - compile0) / len(cfgs),
-           "wall_seconds": (time.perf_counter() - t0) / len(cfgs)}
-  for cell_dir, result, final, ckpt in zip(cell_dirs, results, finals, ckpts):
+  cfgs = [c.config for c in cells]
+  with programs.compile_clock() as clock:
+    for c, cell_dir in zip(cells, cell_dirs):
+      io.write_json(os.path.join(cell_dir, "config.json"),
+                    {"cell_id": c.id, "axes": c.axes, "config": c.config.to_dict()})
+    datas = [data_lib.load_for(cfg) for cfg in cfgs]
+    data_reports = [data_lib.report(ds) for ds in datas]  # skipped files, carved splits
+    model = models.build(cfgs[0].model, datas[0].num_classes)  # one module for every seed
+    strategy = strategies.get(cfgs[0].strategy, model.groups)
+    keys = [train.CellKeys.from_seed(cfg.seed) for cfg in cfgs]
+    starts = [_start_variables(cfg, model, strategy, k, ds, pretrained)
+              for cfg, k, ds in zip(cfgs, keys, datas)]
+    ckpt_policy = cfgs[0].checkpoint
+    checkpointer = None
+    if ckpt_policy.enabled:
+      def checkpointer(indices):
+        # Seeds trained together save one checkpoint, in the first one's folder.
+        name = "-".join(fingerprint(cfgs[i]) for i in indices)
+        return checkpoint.FitCheckpointer(
+            os.path.join(cell_dirs[indices[0]], "checkpoints"),
+            hashlib.sha256(name.encode()).hexdigest(), every_epochs=ckpt_policy.every_epochs,
+            min_seconds=ckpt_policy.min_seconds, keep=ckpt_policy.keep)
+    results = train.fit(model, starts, strategy, datas, cfgs[0].train, keys,
+                        checkpointer=checkpointer)
+    finals = [final_record(c, ds, rep, model, strategy, v, r)
+              for c, ds, rep, v, r in zip(cells, datas, data_reports, starts, results)]
+  share = {"compile_seconds": clock.seconds / len(cells),
+           "wall_seconds": (time.perf_counter() - t0) / len(cells)}
+  for cell_dir, result, final in zip(cell_dirs, results, finals):
     final.update(share)
-    _write_results(cell_dir, result, final, ckpt)
+    io.write_jsonl(os.path.join(cell_dir, "metrics.jsonl"), result.history)
+    io.write_json(os.path.join(cell_dir, "final.json"), final)
+  for cell_dir in cell_dirs:  # final.json is each cell's record from now on
+    checkpoint.Rolling(os.path.join(cell_dir, "checkpoints")).clear()
   return finals
-
-
-def _fresh_programs_for_baseline():
-  """Under `TLRESEARCH_COMPILE_CACHE=off` (the benchmark's baseline) a cell, or a group of
-  seeds trained together, compiles its own programs: nothing reused from earlier cells."""
-  if not train.compile_reuse():
-    train.clear_compile_cache()
-
-
-def _write_config(cfg, cell_id, axes, cell_dir):
-  io.write_json(os.path.join(cell_dir, "config.json"), {"cell_id": cell_id, "axes": axes,
-                                                        "config": cfg.to_dict()})
-
-
-def _load(cfg, log):
-  ds = data_lib.load_for(cfg)
-  return ds, data_lib.report(ds, log)  # skipped files, carved splits
 
 
 def _start_variables(cfg, model, strategy, keys, ds, pretrained):
   # The same init key for every strategy: the head starts identical across a comparison.
-  fresh = train.init_variables(model, keys.init, ds.train_x.shape[1:])
+  fresh = programs.init_variables(model, keys.init, ds.train_x.shape[1:])
   return (models.merge_pretrained(fresh, pretrained, not_loaded(cfg, strategy, model.groups))
           if strategy.pretrained else fresh)
 
 
-def _checkpointer(cfg, cell_dir, log):
-  policy = cfg.get("checkpoint") or checkpoint.defaults()
-  return checkpoint.FitCheckpointer(
-      os.path.join(cell_dir, "checkpoints"), grid.fingerprint(cfg),
-      every_epochs=policy.every_epochs, min_seconds=policy.min_seconds, keep=policy.keep,
-      log=log) if policy.enabled else None
-
-
-def final_record(cfg, cell_id, axes, ds, data_report, model, strategy, variables,
-                 result) -> dict:
-  """final.json's fields, except the timings (compile_seconds, wall_seconds) the caller
-  adds. `variables` are the cell's starting ones, `result` what `train.fit` returned."""
-  # The selection protocol (tlresearch.selection) reads only this validation score.
-  val = result["val"]
-  pred = result["test_predictions"]
+def final_record(cell, ds, data_report, model, strategy, variables,
+                 result: train.FitResult) -> dict:
+  """final.json's fields, except the timings (compile_seconds, wall_seconds) `run` adds.
+  `variables` are the cell's starting ones."""
+  cfg = cell.config
+  pred = result.test_predictions
   labels = list(range(ds.num_classes))
   return {
-      "cell_id": cell_id, "axes": axes, "status": "diverged" if result["diverged"] else "ok",
-      "diverged_at": result["diverged"],
+      "cell_id": cell.id, "axes": cell.axes,
+      "status": "diverged" if result.diverged else "ok", "diverged_at": result.diverged,
       "strategy": strategy.spec, "target": cfg.target, "seed": cfg.seed,
-      "test_accuracy": result["test"]["accuracy"], "test_loss": result["test"]["loss"],
+      "test_accuracy": result.test["accuracy"], "test_loss": result.test["loss"],
       "test_macro_f1": float(skm.f1_score(ds.test_y, pred, labels=labels, average="macro",
                                           zero_division=0)),
       "classification_report": skm.classification_report(
           ds.test_y, pred, labels=labels, target_names=list(ds.class_names), output_dict=True,
           zero_division=0),
-      "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
+      "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
       "trainable_params": trainable_params(variables, strategy),
       "total_params": optim.count(variables["params"]),
-      "train_examples": int(len(ds.train_x)), "cached_prefix": result["cached_prefix"],
-      "notes": result["notes"], **data_report, "val_accuracy": val["accuracy"],
+      "train_examples": int(len(ds.train_x)), "cached_prefix": result.cached_prefix,
+      "notes": result.notes, **data_report,
+      # The selection protocol (tlresearch.selection) reads only this validation score.
+      "val_accuracy": result.val["accuracy"],
       "hparams": {"train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay},
-      **probes.measure(tuple(cfg.get("probes", ())), model, variables, result["variables"], ds),
+      **probes.measure(tuple(cfg.probes), model, variables, result.variables, ds),
   }
-
-
-def _write_results(cell_dir, result, final, ckpt):
-  io.write_jsonl(os.path.join(cell_dir, "metrics.jsonl"), result["history"])
-  io.write_json(os.path.join(cell_dir, "final.json"), final)
-  if ckpt is not None:
-    ckpt.clear()  # final.json is the cell's record from now on

@@ -15,6 +15,7 @@ save leaves either the previous checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -25,10 +26,12 @@ import numpy as np
 
 from tlresearch import io
 
+log = logging.getLogger(__name__)
+
 
 def defaults():
   """`config.checkpoint`: how cells survive a kill. Operational only: changing it never
-  invalidates a finished or checkpointed cell (see grid.OPERATIONAL_KEYS)."""
+  invalidates a finished or checkpointed cell (not in cell.IDENTITY_FIELDS)."""
   import ml_collections
   c = ml_collections.ConfigDict()
   c.enabled = True             # save per-cell training progress; a rerun resumes from it
@@ -127,9 +130,9 @@ class FitCheckpointer:
   """
 
   def __init__(self, directory: str, fingerprint: str, every_epochs: int = 1,
-               min_seconds: float = 0.0, keep: int = 2, log=print):
+               min_seconds: float = 0.0, keep: int = 2):
     self.rolling = Rolling(directory, keep)
-    self.fingerprint, self.log = fingerprint, log
+    self.fingerprint = fingerprint
     self.every_epochs, self.min_seconds = max(1, int(every_epochs)), float(min_seconds)
     self._last_epoch, self._last_time = 0, time.monotonic()
 
@@ -140,11 +143,11 @@ class FitCheckpointer:
       try:
         meta = read_meta(path)
       except CheckpointError as e:
-        self.log(f"warning: {e}; ignoring it")
+        log.warning("%s; ignoring it", e)
         continue
       if meta.get("fingerprint") != self.fingerprint:
         # The cell's config changed since: its checkpoints can never be resumed.
-        self.log(f"checkpoint {path} was saved under a different config; discarding it")
+        log.info("checkpoint %s was saved under a different config; discarding it", path)
         self.clear()
         return None
       meta["path"] = path

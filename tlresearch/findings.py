@@ -78,26 +78,17 @@ class Results:
     return stats.paired([va[s] for s in seeds], [vb[s] for s in seeds])
 
 
-def _fmt(v: float, metric: str) -> str:
-  return f"{100 * v:.1f}" if metric not in report.RAW_METRICS else f"{v:.3g}"
-
-
-def _fmt_signed(v: float, metric: str) -> str:
-  return f"{100 * v:+.1f}" if metric not in report.RAW_METRICS else f"{v:+.3g}"
-
-
 def describe(r: Results, where: dict, label: str, metric: str = "test_accuracy") -> str:
   s = r.summary(where, metric)
   if s.n == 0:
     return f"{label}: no data"
-  return (f"{label}: {_fmt(s.mean, metric)} [{_fmt(s.lo, metric)}, {_fmt(s.hi, metric)}] "
-          f"(n={s.n})")
+  m = report.metric_of(metric)
+  return f"{label}: {m.fmt(s.mean)} {m.interval(s.lo, s.hi)} (n={s.n})"
 
 
 def _paired_text(p: stats.Paired, a_label, b_label, metric) -> str:
-  unit = " points" if metric not in report.RAW_METRICS else ""
-  return (f"{a_label} - {b_label}: {_fmt_signed(p.mean, metric)}{unit} "
-          f"[{_fmt_signed(p.lo, metric)}, {_fmt_signed(p.hi, metric)}], "
+  m = report.metric_of(metric)
+  return (f"{a_label} - {b_label}: {m.difference(p, m.diff_unit)}, "
           f"P(improvement) = {p.p_improvement:.2f}, n = {p.n}")
 
 
@@ -133,8 +124,8 @@ def not_worse(r: Results, a: dict, b: dict, a_label: str, b_label: str, margin: 
   p = r.paired(a, b, metric)
   if p is None or math.isnan(p.mean):
     return Verdict(INCONCLUSIVE, (f"{a_label} vs {b_label}: no paired seeds",))
-  text = (_paired_text(p, a_label, b_label, metric)
-          + f" (margin {_fmt(margin, metric)}{' points' if metric not in report.RAW_METRICS else ''})")
+  m = report.metric_of(metric)
+  text = _paired_text(p, a_label, b_label, metric) + f" (margin {m.fmt(margin)}{m.diff_unit})"
   if p.n < MIN_SEEDS:
     return Verdict(INCONCLUSIVE, (text + f" (fewer than {MIN_SEEDS} seeds)",))
   if p.lo > -margin:

@@ -70,6 +70,12 @@ def shard_batch(x, m: Mesh | None, axis: int = 0):
   return x if m is None else jax.lax.with_sharding_constraint(x, batch_sharding(m, axis))
 
 
+def constrain_replicated(tree, m: Mesh | None):
+  """Inside a jitted program: outputs replicated over the mesh (identity without one), so
+  that what one program returns is a valid input of the next."""
+  return tree if m is None else jax.lax.with_sharding_constraint(tree, replicated(m))
+
+
 def for_batch(batch_size: int, enabled: bool = True) -> tuple[Mesh | None, str | None]:
   """(mesh, note) for training with `batch_size`: all local devices when the batch divides
   by their number, else the largest count that divides it (the note says so); no mesh when

@@ -6,8 +6,7 @@ give different weights gives a different folder, and a second sweep reuses the f
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import os
 import time
 
@@ -16,16 +15,19 @@ import ml_collections
 from sklearn import metrics as skm
 
 from tlresearch import data as data_lib
-from tlresearch import checkpoint, grid, io, models, strategies, train
+from tlresearch import checkpoint, configs, io, models, programs, strategies, train
 
-# Bump when a code change alters what a given pretraining config produces.
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
 # Architecture fields the fine-tuned model must share with its pretrained backbone.
 ARCH_FIELDS = ("family", "width", "blocks_per_stage", "num_stages", "stem_strides")
-
-
-# Config options added after the first checkpoints were made, with their defaults.
-LATER_OPTIONS = {"class_subset": "", "train.min_steps": 0, "train.bn_stats": "update"}
+# The fields that decide which weights a pretraining config makes; bump the version when a
+# code change alters what they produce.
+IDENTITY_VERSION = 2
+IDENTITY_FIELDS = ("dataset", "class_subset", "data_dir", "seed", "model") + tuple(
+    f"train.{k}" for k in ("epochs", "batch_size", "optimizer", "lr", "warmup_epochs",
+                           "weight_decay", "momentum", "cache_frozen_prefix", "min_steps",
+                           "bn_stats", "augment", "early_stopping"))
 
 
 def default_cache_dir() -> str:
@@ -35,54 +37,53 @@ def default_cache_dir() -> str:
 
 def for_model(pretrain_cfg, model_cfg) -> ml_collections.ConfigDict:
   """The pretraining config whose backbone has `model_cfg`'s architecture."""
-  p = ml_collections.ConfigDict(pretrain_cfg.to_dict())
+  p = ml_collections.ConfigDict(pretrain_cfg.to_dict() if hasattr(pretrain_cfg, "to_dict")
+                                else pretrain_cfg)
   for f in ARCH_FIELDS:
-    p.model[f] = model_cfg[f]
+    if f in model_cfg:  # a Keras family's weights do not come from source pretraining
+      p.model[f] = model_cfg[f]
   return p
 
 
+def identity(pretrain_cfg, model_cfg=None) -> dict:
+  """What decides the pretrained weights: the pretraining fields (with `model_cfg`'s
+  architecture, when given)."""
+  pcfg = pretrain_cfg if model_cfg is None else for_model(pretrain_cfg, model_cfg)
+  return configs.pick(pcfg, IDENTITY_FIELDS, IDENTITY_VERSION)
+
+
 def cache_key(pcfg) -> str:
-  # Operational keys (e.g. train.data_parallel) never change which weights a config makes.
-  config = grid.identity(pcfg.to_dict())
-  # Options at their default are left out, so checkpoints made before an option existed
-  # keep their key; any other value (e.g. a class subset) is part of it.
-  for dotted, default in LATER_OPTIONS.items():
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-      node = node.get(p, {})
-    if leaf in node and node[leaf] == default:
-      del node[leaf]
-  blob = json.dumps({"format": FORMAT_VERSION, "config": config}, sort_keys=True)
-  return f"{pcfg.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+  return f"{pcfg.dataset}-{configs.digest(identity(pcfg))[:12]}"
 
 
 def checkpoint_dir(pcfg, cache_dir: str | None = None) -> str:
   return os.path.join(cache_dir or default_cache_dir(), "pretrained", cache_key(pcfg))
 
 
-def train_source(pcfg, log=print, checkpointer=None) -> tuple[dict, dict]:
+def train_source(pcfg, checkpointer=None) -> tuple[dict, dict]:
   """Trains the backbone on the source task from scratch; returns (variables, summary)."""
   t0 = time.perf_counter()
   ds = data_lib.load(pcfg.dataset, data_dir=pcfg.data_dir or None, seed=pcfg.seed,
-                     class_subset=pcfg.get("class_subset", ""))
+                     class_subset=pcfg.class_subset)
   model = models.build(pcfg.model, ds.num_classes)
   keys = train.CellKeys.from_seed(pcfg.seed)
-  variables = train.init_variables(model, keys.init, ds.train_x.shape[1:])
-  log(f"pretraining {pcfg.model.family} on {pcfg.dataset} ({len(ds.train_x)} images, "
-      f"{pcfg.train.epochs} epochs)")
-  epoch_line = lambda r, _: log(
-      f"  epoch {r['epoch']}: train loss {r['train_loss']:.3f} acc {100 * r['train_accuracy']:.1f}%"
-      f", val acc {100 * r['val_accuracy']:.1f}% ({r['seconds']:.1f}s)")
-  result = train.fit(model, variables, strategies.full(model.groups), ds, pcfg.train, keys, log,
-                     on_epoch=epoch_line, checkpointer=checkpointer)
-  summary = {"dataset": pcfg.dataset, "class_subset": pcfg.get("class_subset", ""),
-             "test_accuracy": result["test"]["accuracy"],
-             "test_macro_f1": float(skm.f1_score(ds.test_y, result["test_predictions"],
+  variables = programs.init_variables(model, keys.init, ds.train_x.shape[1:])
+  log.info("pretraining %s on %s (%d images, %d epochs)", pcfg.model.family, pcfg.dataset,
+           len(ds.train_x), pcfg.train.epochs)
+
+  def epoch_line(_, r, __):
+    log.info("  epoch %d: train loss %.3f acc %.1f%%, val acc %.1f%% (%.1fs)", r["epoch"],
+             r["train_loss"], 100 * r["train_accuracy"], 100 * r["val_accuracy"], r["seconds"])
+
+  (result,) = train.fit(model, [variables], strategies.full(model.groups), [ds], pcfg.train,
+                        [keys], checkpointer=lambda _: checkpointer, on_epoch=epoch_line)
+  summary = {"dataset": pcfg.dataset, "class_subset": pcfg.class_subset,
+             "test_accuracy": result.test["accuracy"],
+             "test_macro_f1": float(skm.f1_score(ds.test_y, result.test_predictions,
                                                  average="macro")),
-             "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
-             "seconds": time.perf_counter() - t0, "history": result["history"]}
-  return jax.device_get(result["variables"]), summary
+             "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+             "seconds": time.perf_counter() - t0, "history": result.history}
+  return jax.device_get(result.variables), summary
 
 
 def save(path: str, variables: dict, pcfg, summary: dict) -> None:
@@ -101,7 +102,7 @@ def restore(path: str) -> dict:
   return checkpoint.restore(os.path.join(path, "variables"))[0]
 
 
-def get_or_build(pcfg, cache_dir: str | None = None, log=print) -> tuple[dict, str]:
+def get_or_build(pcfg, cache_dir: str | None = None) -> tuple[dict, str]:
   """Pretrained variables for `pcfg`: from the cache, or trained and cached now.
 
   A cached checkpoint that fails its checksum (or cannot be read) is rebuilt, with a
@@ -115,20 +116,19 @@ def get_or_build(pcfg, cache_dir: str | None = None, log=print) -> tuple[dict, s
     if os.path.exists(os.path.join(path, "summary.json")):
       try:
         variables = restore(path)
-        log(f"using cached pretrained backbone {path}")
+        log.info("using cached pretrained backbone %s", path)
         return variables, path
       except checkpoint.CheckpointError as e:
-        log(f"warning: {e}; rebuilding the pretrained backbone")
+        log.warning("%s; rebuilding the pretrained backbone", e)
     else:
-      log(f"no cached pretrained backbone for this config; building {path}")
+      log.info("no cached pretrained backbone for this config; building %s", path)
     # Pretraining is the longest single run of a sweep: its progress is checkpointed too.
-    partial = checkpoint.FitCheckpointer(path + ".partial", cache_key(pcfg), min_seconds=30.0,
-                                         log=log)
-    variables, summary = train_source(pcfg, log, partial)
+    partial = checkpoint.FitCheckpointer(path + ".partial", cache_key(pcfg), min_seconds=30.0)
+    variables, summary = train_source(pcfg, partial)
     save(path, variables, pcfg, summary)
     partial.clear()
-    log(f"pretrained: source test accuracy {100 * summary['test_accuracy']:.1f}% "
-        f"in {summary['seconds']:.0f}s")
+    log.info("pretrained: source test accuracy %.1f%% in %.0fs",
+             100 * summary["test_accuracy"], summary["seconds"])
     return variables, path
   finally:
     lock.release()

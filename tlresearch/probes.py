@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from tlresearch import train
+from tlresearch import programs
 from tlresearch.data.builders import glyphs
 from tlresearch.errors import UserError, choices
 
@@ -25,13 +25,13 @@ CORRUPTION_SEED = 0  # one fixed corrupted test set per target
 def corrupted(x: np.ndarray, seed: int = CORRUPTION_SEED) -> np.ndarray:
   """A corrupted copy of uint8 images [N, H, W, 3]; same input and seed, same bytes."""
   images = np.asarray(x, np.float32) / 255.0
-  out = glyphs._corrupt(images, np.random.default_rng(seed))  # pylint: disable=protected-access
+  out = glyphs.corrupt(images, np.random.default_rng(seed))
   return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
 def penultimate(model, variables, x) -> jnp.ndarray:
   """Pooled features entering the head (inference mode), [N, D]."""
-  maps = train.prefix_outputs(model, variables, jnp.asarray(x), model.groups[-2])
+  maps = programs.prefix_outputs(model, variables, jnp.asarray(x), model.groups[-2])
   return jnp.mean(maps, axis=(1, 2))
 
 
@@ -52,7 +52,7 @@ def measure(names, model, before, after, ds) -> dict:
   check(names)
   out = {}
   if "ood_corrupted" in names:
-    metrics, _ = train.evaluate(model, after, jnp.asarray(corrupted(ds.test_x)),
+    metrics, _ = programs.evaluate(model, after, jnp.asarray(corrupted(ds.test_x)),
                                 jnp.asarray(ds.test_y))
     out["ood_test_accuracy"] = metrics["accuracy"]
   if "feature_change" in names:

@@ -7,20 +7,53 @@ seeds in percent, plus the trainable parameter count.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io as _io
 import math
 import os
 
 from tlresearch import io, stats
 
-METRICS = (("test_accuracy", "test accuracy"), ("test_macro_f1", "test macro-F1"))
-# Metrics an experiment may add to its tables (config.report.metrics), with their names.
-METRIC_NAMES = {"test_accuracy": "test accuracy", "test_macro_f1": "test macro-F1",
-                "ood_test_accuracy": "OOD (corrupted test) accuracy",
-                "feature_change": "feature change (relative L2)", "epochs_run": "epochs run",
-                "val_accuracy": "validation accuracy"}
-# Shown as they are, not in percent.
-RAW_METRICS = ("feature_change", "epochs_run")
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+  """How a final.json field is named and written in every table, plot and findings line."""
+  name: str                   # in headings, axis labels and findings
+  scale: float = 100.0        # shown as scale * value: fractions in percent
+  spec: str = ".1f"           # format of a shown value ("+" is added for differences)
+  unit: str = " (%)"          # after the name in headings and axis labels
+  diff_unit: str = " points"  # after a difference (or a margin) in findings
+
+  def fmt(self, v: float) -> str:
+    return f"{self.scale * v:{self.spec}}"
+
+  def signed(self, v: float) -> str:
+    return f"{self.scale * v:+{self.spec}}"
+
+  def interval(self, lo: float, hi: float) -> str:
+    return f"[{self.fmt(lo)}, {self.fmt(hi)}]"
+
+  def difference(self, p: stats.Paired, unit: str = "") -> str:
+    """'mean [lo, hi]' of a paired difference, `unit` after the mean."""
+    return f"{self.signed(p.mean)}{unit} [{self.signed(p.lo)}, {self.signed(p.hi)}]"
+
+
+_AS_IS = dict(scale=1.0, spec=".3g", unit="", diff_unit="")  # not a fraction: no percent
+# Metrics an experiment may put in its tables (config.report.metrics), plots and findings.
+METRICS = {"test_accuracy": Metric("test accuracy"),
+           "test_macro_f1": Metric("test macro-F1"),
+           "val_accuracy": Metric("validation accuracy"),
+           "ood_test_accuracy": Metric("OOD (corrupted test) accuracy"),
+           "feature_change": Metric("feature change (relative L2)", **_AS_IS),
+           "epochs_run": Metric("epochs run", **_AS_IS)}
+DEFAULT_METRICS = ("test_accuracy", "test_macro_f1")  # tables without config.report.metrics
+
+
+def metric_of(key: str) -> Metric:
+  """The definition of final.json field `key`; one not in METRICS is a fraction named `key`."""
+  return METRICS.get(key) or Metric(key)
+
+
 # runs.csv holds only what the seeds determine, so a rerun (or a killed and resumed run)
 # reproduces it byte for byte; wall-clock numbers go to timing.csv.
 RUN_COLUMNS = ("status", "test_accuracy", "test_macro_f1", "val_accuracy", "ood_test_accuracy",
@@ -73,20 +106,12 @@ def summarise(finals, axes, col_axis="target", seed_axis="seed", metric="test_ac
   return row_axes, rows, cols
 
 
-def _scale(metric: str) -> float:
-  return 1.0 if metric in RAW_METRICS else 100.0
-
-
-def _num(v: float, scale: float) -> str:
-  return f"{v:.1f}" if scale == 100.0 else f"{v:.3g}"
-
-
-def _cell_text(values, scale=100.0) -> str:
+def _cell_text(values, m: Metric) -> str:
   failed = sum(v is None for v in values)
   mean, half = stats.mean_ci([v for v in values if v is not None])
   if math.isnan(mean):
     return "diverged"
-  text = _num(scale * mean, scale) + ("" if math.isnan(half) else f" ± {_num(scale * half, scale)}")
+  text = m.fmt(mean) + ("" if math.isnan(half) else f" ± {m.fmt(half)}")
   return text + (f" ({failed} diverged)" if failed else "")
 
 
@@ -114,10 +139,10 @@ def paired_section(finals, axes, labels: dict, reference: tuple,
   if reference not in rows:
     return []
   values = _by_seed(finals, row_axes, metric=metric)
-  scale = _scale(metric)
+  met = metric_of(metric)
   ref_name = ", ".join(f"{labels.get(a, a)}={_fmt_value(v)}" for a, v in zip(row_axes, reference))
-  out = [f"## paired difference to the reference ({ref_name}), {METRIC_NAMES.get(metric, metric)}"
-         f"{' points' if scale == 100.0 else ''}: mean [95% bootstrap CI] over seeds, "
+  out = [f"## paired difference to the reference ({ref_name}), {met.name}"
+         f"{met.diff_unit}: mean [95% bootstrap CI] over seeds, "
          "P = probability of improvement", "",
          "| " + " | ".join([labels.get(a, a) for a in row_axes] + [str(c) for c in cols]) + " |",
          "|" + "---|" * (len(row_axes) + len(cols))]
@@ -132,14 +157,9 @@ def paired_section(finals, axes, labels: dict, reference: tuple,
         cells.append("n/a")
         continue
       p = stats.paired([mine[s] for s in seeds], [ref[s] for s in seeds])
-      cells.append(f"{_signed(p.mean, scale)} [{_signed(p.lo, scale)}, {_signed(p.hi, scale)}] "
-                   f"P={p.p_improvement:.2f}")
+      cells.append(f"{met.difference(p)} P={p.p_improvement:.2f}")
     out.append("| " + " | ".join([_fmt_value(v) for v in key] + cells) + " |")
   return out + [""]
-
-
-def _signed(v: float, scale: float) -> str:
-  return f"{scale * v:+.1f}" if scale == 100.0 else f"{scale * v:+.3g}"
 
 
 def _hparams(finals, row_axes, key, col) -> str:
@@ -155,9 +175,8 @@ def _hparams(finals, row_axes, key, col) -> str:
 def stats_section(finals, axes, labels: dict, metric: str = "test_accuracy") -> list[str]:
   """Markdown lines: per row and target, n, mean, std, 95% bootstrap CI and 95% t CI."""
   row_axes, rows, cols = summarise(finals, axes, metric=metric)
-  scale = _scale(metric)
-  unit = " (%)" if scale == 100.0 else ""
-  out = [f"## {METRIC_NAMES.get(metric, metric)}{unit} per configuration: seeds, mean, std, "
+  met = metric_of(metric)
+  out = [f"## {met.name}{met.unit} per configuration: seeds, mean, std, "
          "95% bootstrap CI, 95% t CI", "",
          "| " + " | ".join([labels.get(a, a) for a in row_axes]
                            + ["target", "n", "mean", "std", "bootstrap CI", "t CI"]) + " |",
@@ -169,11 +188,10 @@ def stats_section(finals, axes, labels: dict, metric: str = "test_accuracy") -> 
       if s.n == 0:
         continue
       m, h = stats.mean_ci(vals)
-      t_ci = "n/a" if math.isnan(h) else f"[{_num(scale * (m - h), scale)}, {_num(scale * (m + h), scale)}]"
-      std = "n/a" if math.isnan(s.std) else _num(scale * s.std, scale)
+      t_ci = "n/a" if math.isnan(h) else met.interval(m - h, m + h)
+      std = "n/a" if math.isnan(s.std) else met.fmt(s.std)
       out.append("| " + " | ".join([_fmt_value(v) for v in key] + [
-          str(c), str(s.n), _num(scale * s.mean, scale), std,
-          f"[{_num(scale * s.lo, scale)}, {_num(scale * s.hi, scale)}]", t_ci]) + " |")
+          str(c), str(s.n), met.fmt(s.mean), std, met.interval(s.lo, s.hi), t_ci]) + " |")
   return out + [""]
 
 
@@ -185,14 +203,13 @@ def table_markdown(finals, axes, labels: dict, title: str, reference: tuple | No
     out += [f"{diverged} cell(s) diverged (non-finite training loss): they are marked, left out "
             "of every mean and difference, and listed in runs.csv.", ""]
   seeds = sorted({f["axes"]["seed"] for f in finals})
-  metrics = tuple(metrics or [m for m, _ in METRICS])
+  metrics = tuple(metrics or DEFAULT_METRICS)
   for metric in metrics:
-    name = METRIC_NAMES.get(metric, metric)
-    scale = _scale(metric)
+    met = metric_of(metric)
     row_axes, rows, cols = summarise(finals, axes, metric=metric)
     head = [labels.get(a, a) for a in row_axes] + [str(c) for c in cols]
     extra = ["trainable params"] + (["selected lr, wd (per target)"] if show_hparams else [])
-    out += [f"## {name}{' (%)' if scale == 100.0 else ''}, mean ± 95% CI over {len(seeds)} "
+    out += [f"## {met.name}{met.unit}, mean ± 95% CI over {len(seeds)} "
             "seeds (t interval)", "",
             "| " + " | ".join(head + extra) + " |",
             "|" + "---|" * (len(head) + len(extra))]
@@ -201,7 +218,7 @@ def table_markdown(finals, axes, labels: dict, title: str, reference: tuple | No
       hp = ([" / ".join(_hparams(finals, row_axes, key, c) for c in cols)]
             if show_hparams else [])
       out.append("| " + " | ".join([_fmt_value(v) for v in key]
-                                   + [_cell_text(by_col.get(c, []), scale) for c in cols]
+                                   + [_cell_text(by_col.get(c, []), met) for c in cols]
                                    + [params] + hp) + " |")
     out.append("")
   for metric in metrics:
@@ -221,7 +238,7 @@ def table_latex(finals, axes, labels: dict, metric: str = "test_accuracy") -> st
            " & ".join(esc(labels.get(a, a)) for a in row_axes + []) + " & "
            + " & ".join(esc(c) for c in cols) + r" \\", r"\midrule"]
   for key, by_col in rows.items():
-    cells = [_cell_text(by_col.get(c, []), _scale(metric)).replace("±", r"$\pm$") for c in cols]
+    cells = [_cell_text(by_col.get(c, []), metric_of(metric)).replace("±", r"$\pm$") for c in cols]
     lines.append(" & ".join(esc(_fmt_value(v)) for v in key) + " & " + " & ".join(cells)
                  + r" \\")
   lines += [r"\bottomrule", r"\end{tabular}", ""]
@@ -232,6 +249,7 @@ def plot(finals, axes, labels: dict, path: str, title: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  met = METRICS["test_accuracy"]  # what summarise gives by default
   row_axes, rows, cols = summarise(finals, axes)
   # Label each bar group by its first axis plus only the axes that differ from the first
   # row (the base configuration), e.g. "full + dropout=0.5".
@@ -243,11 +261,11 @@ def plot(finals, axes, labels: dict, path: str, title: str) -> None:
   width = 0.8 / max(len(cols), 1)
   for j, col in enumerate(cols):
     ms = [stats.mean_ci([v for v in by.get(col, []) if v is not None]) for by in rows.values()]
-    ax.bar([i + j * width for i in range(len(rows))], [100 * m for m, _ in ms], width,
-           yerr=[0 if math.isnan(h) else 100 * h for _, h in ms], capsize=2, label=str(col))
+    ax.bar([i + j * width for i in range(len(rows))], [met.scale * m for m, _ in ms], width,
+           yerr=[0 if math.isnan(h) else met.scale * h for _, h in ms], capsize=2, label=str(col))
   ax.set_xticks([i + width * (len(cols) - 1) / 2 for i in range(len(rows))])
   ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
-  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylabel(met.name + met.unit)
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
@@ -264,7 +282,7 @@ def line_plot(finals, series: list, path: str, title: str, metric: str = "test_a
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  scale = _scale(metric)
+  met = metric_of(metric)
   fig, ax = plt.subplots(figsize=(6.5, 4.2))
   for label, points, *own in series:
     m_key = own[0] if own else metric
@@ -276,8 +294,8 @@ def line_plot(finals, series: list, path: str, title: str, metric: str = "test_a
       if vals:
         m, h = stats.mean_ci(vals)
         xs.append(x)
-        ms.append(scale * m)
-        hs.append(0 if math.isnan(h) else scale * h)
+        ms.append(met.scale * m)
+        hs.append(0 if math.isnan(h) else met.scale * h)
     if xs:
       ax.errorbar(xs, ms, yerr=hs, marker="o", capsize=3, label=label)
   if log_x:
@@ -291,7 +309,7 @@ def line_plot(finals, series: list, path: str, title: str, metric: str = "test_a
     ax.set_xticks(range(len(xticklabels)))
     ax.set_xticklabels(xticklabels, fontsize=8)
   ax.set_xlabel(xlabel)
-  ax.set_ylabel(METRIC_NAMES.get(metric, metric) + (" (%)" if scale == 100.0 else ""))
+  ax.set_ylabel(met.name + met.unit)
   ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)

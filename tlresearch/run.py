@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -141,6 +142,7 @@ def main(argv: list[str]) -> int:
   config = module.get_config()
   for dotted, text in overrides:
     apply_override(config, dotted, text)
+  config.lock()  # from here on a misspelt key is an error, never a new key
   if config.kind not in ("pretrain", "sweep"):
     raise UserError(f"experiment '{name}' has unknown kind '{config.kind}'; valid: pretrain, sweep")
   task_index, num_tasks = task_of(flags)
@@ -171,8 +173,28 @@ def main(argv: list[str]) -> int:
   return 0
 
 
+class _Formatter(logging.Formatter):
+  """The message alone; warnings and errors say so first."""
+
+  def format(self, record):
+    text = super().format(record)
+    return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def setup_logging() -> None:
+  """The project's log lines (INFO and up) on stdout, one per message."""
+  logger = logging.getLogger("tlresearch")
+  if not logger.handlers:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_Formatter("%(message)s"))
+    logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False
+
+
 def cli() -> None:
   sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen
+  setup_logging()
   try:
     code = main(sys.argv[1:])
   except UserError as e:

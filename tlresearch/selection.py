@@ -19,7 +19,7 @@ import itertools
 
 import ml_collections
 
-from tlresearch import grid
+from tlresearch import configs, grid
 from tlresearch.errors import UserError
 
 KEYS = (("lr", "train.lr"), ("weight_decay", "train.weight_decay"))
@@ -57,7 +57,8 @@ def expand(config, cells: list) -> list:
         cfg = ml_collections.ConfigDict(cell.config.to_dict())
         cfg.seed = seed
         for dotted, v in combo.items():
-          grid._set(cfg, dotted, v)  # pylint: disable=protected-access
+          configs.set_path(cfg, dotted, v)
+        cfg.lock()
         out.append(grid.Cell(grid.cell_id(axes), axes, cfg))
   return out
 
@@ -82,7 +83,8 @@ def apply(cells: list, chosen: dict) -> list:
   for cell in cells:
     cfg = ml_collections.ConfigDict(cell.config.to_dict())
     for dotted, v in chosen[grid.configuration(cell.axes)].items():
-      grid._set(cfg, dotted, v)  # pylint: disable=protected-access
+      configs.set_path(cfg, dotted, v)
+    cfg.lock()
     out.append(grid.Cell(cell.id, cell.axes, cfg))
   return out
 

@@ -7,26 +7,26 @@ build the results folder with `write_results` from the cells' final.json records
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import time
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tlresearch import cell as cell_lib
 from tlresearch import findings as findings_lib
-from tlresearch import grid, io, models, pretrain, report, selection, strategies, train
-from tlresearch import seeds as seeds_lib
+from tlresearch import grid, io, models, pretrain, report, selection, strategies
+from tlresearch import train
 from tlresearch.errors import UserError
 
+log = logging.getLogger(__name__)
 
-def enable_compile_cache(cache_dir: str | None) -> str | None:
-  """JAX's persistent compilation cache in the project cache: a rerun compiles ~nothing.
-  `TLRESEARCH_COMPILE_CACHE=off` (the benchmark's baseline) disables it, and the reuse of
-  compiled programs across cells (`train.compile_reuse`)."""
+
+def enable_compile_cache(cache_dir: str | None) -> str:
+  """JAX's persistent compilation cache in the project cache: a rerun compiles ~nothing."""
   import jax
-  if not train.compile_reuse():
-    return None
   path = os.path.join(cache_dir or pretrain.default_cache_dir(), "jax_compilation_cache")
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
@@ -52,7 +52,7 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   cells = grid.expand(config)
   sel_cells = selection.expand(config, cells)
   # every bad value and every bad dataset fails here, before training (in every task alike)
-  grid.check_all(cells + sel_cells)
+  cell_lib.check_all(cells + sel_cells)
   with _workdir_lock(workdir, task_index, num_tasks):
     enable_compile_cache(config.cache_dir or None)
     if overwrite:
@@ -64,8 +64,7 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   seconds = time.perf_counter() - t0
   print(f"{name}: {len(cells)} cells ({reused} reused) in {seconds:.0f}s; wrote "
         + ", ".join(paths))
-  return {"cells": len(cells), "reused": reused, "seconds": seconds,
-          "compile_seconds": train.COMPILE_SECONDS[0], "outputs": paths}
+  return {"cells": len(cells), "reused": reused, "seconds": seconds, "outputs": paths}
 
 
 def _run_task(config, cells, name, workdir, progress, task_index, num_tasks, t0) -> dict:
@@ -82,7 +81,7 @@ def _run_task(config, cells, name, workdir, progress, task_index, num_tasks, t0)
         + f" ({reused} reused) in {seconds:.0f}s, no tables; once every task has finished, "
         "the same command with --merge in place of --task_index/--num_tasks builds them")
   return {"cells": len(mine), "selection_cells": len(sel_mine), "reused": reused,
-          "seconds": seconds, "compile_seconds": train.COMPILE_SECONDS[0], "outputs": []}
+          "seconds": seconds, "outputs": []}
 
 
 def merge_grid(config, name: str, workdir: str, results_dir: str,
@@ -158,7 +157,7 @@ def _selection_dir(workdir: str) -> str:
 
 def _read_finals(cells, root: str) -> list[dict | None]:
   """Each cell's final.json when it finished under exactly its config, else None."""
-  return [grid.finished(os.path.join(root, c.id), c) for c in cells]
+  return [cell_lib.finished(os.path.join(root, c.id), c) for c in cells]
 
 
 def _select(config, cells, sel_cells, sel_finals) -> tuple[list, str]:
@@ -188,15 +187,31 @@ def _backbones():
     external = models.pretrained_key(cfg.model)  # e.g. keras:imagenet weights, or None
     if external is not None:
       if external not in pretrained:
-        pretrained[external] = models.load_pretrained(cfg.model, log=tqdm.write)
+        pretrained[external] = models.load_pretrained(cfg.model)
       return pretrained[external]
     pcfg = pretrain.for_model(cfg.pretrain, cfg.model)
     key = pretrain.cache_key(pcfg)
     if key not in pretrained:
-      pretrained[key] = pretrain.get_or_build(pcfg, cfg.cache_dir or None, log=tqdm.write)[0]
+      pretrained[key] = pretrain.get_or_build(pcfg, cfg.cache_dir or None)[0]
     return pretrained[key]
 
   return backbone
+
+
+def seed_groups(cells) -> list[list]:
+  """The cells in training order, as groups that train in one `cell.run`: the seeds of a
+  configuration together where they train vmapped (`train.seeds_mode`), else one each."""
+  together, out = {}, []
+  for c in cells:
+    if train.seeds_mode(c.config.train) == "vmap":
+      key = cell_lib.configuration_key(c.config)
+      if key not in together:
+        together[key] = []
+        out.append(together[key])
+      together[key].append(c)
+    else:
+      out.append([c])
+  return out
 
 
 def _cell_runner(labels: dict, progress: bool):
@@ -211,21 +226,19 @@ def _cell_runner(labels: dict, progress: bool):
     for c in todo:  # before the progress bar, so its ETA measures cells only
       if needs[c.id]:
         backbone(c.config)
-    finals = []
-    groups = seeds_lib.groups(todo)  # vmap mode: the seeds of one configuration train together
-    bar = tqdm(cells, desc=desc, unit="cell", disable=not progress, dynamic_ncols=True)
-    for c in bar:
-      final = done[c.id]
-      if final is None and c.id in groups:  # its group trains now, the whole group's cells
-        done.update(_run_seed_group(groups[c.id], root,
-                                    backbone(c.config) if needs[c.id] else None, labels))
-        final = done[c.id]
-      if final is None:
-        final = cell_lib.run(c.config, c.id, c.axes, os.path.join(root, c.id),
-                             backbone(c.config) if needs[c.id] else None, log=tqdm.write)
-        tqdm.write(_summary_line(final, labels))
-      finals.append(final)
-    return finals, len(cells) - len(todo)
+    # Log lines go through tqdm while the bar is up, so the bar stays one line below them.
+    with logging_redirect_tqdm(loggers=[logging.getLogger("tlresearch")]), \
+        tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress,
+             dynamic_ncols=True) as bar:
+      bar.update(len(cells) - len(todo))
+      for group in seed_groups(todo):
+        finals = cell_lib.run(group, [os.path.join(root, c.id) for c in group],
+                              backbone(group[0].config) if needs[group[0].id] else None)
+        for c, f in zip(group, finals):
+          done[c.id] = f
+          log.info("%s", _summary_line(f, labels))
+        bar.update(len(group))
+    return [done[c.id] for c in cells], len(cells) - len(todo)
 
   return run_cells
 
@@ -252,18 +265,8 @@ def write_results(config, name: str, results_dir: str, finals: list[dict],
 
   return report.write(finals, axes, os.path.join(results_dir, name), name,
                       dict(config.report.axis_labels), reference,
-                      metrics=config.report.get("metrics", None),
+                      metrics=config.report.metrics,
                       show_hparams=selection.enabled(config), extra=extra)
-
-
-def _run_seed_group(group, root: str, pretrained, labels: dict) -> dict:
-  """{cell id: final.json} of cells that differ only in seed, trained together."""
-  finals = cell_lib.run_seeds([c.config for c in group], [c.id for c in group],
-                              [c.axes for c in group], [os.path.join(root, c.id) for c in group],
-                              pretrained, log=tqdm.write)
-  for f in finals:
-    tqdm.write(_summary_line(f, labels))
-  return {c.id: f for c, f in zip(group, finals)}
 
 
 def _summary_line(f: dict, labels: dict) -> str:

@@ -1,343 +1,77 @@
-"""Jitted training and evaluation, with the data on device.
+"""`fit`: the one training loop, for one seed of a configuration or several at once.
 
-Decisive properties (each has a test):
-- only trainable parameters are differentiated: params are split into trainable / frozen
-  and `jax.grad` sees only the trainable part, so XLA drops the backward pass wherever
-  nothing below can change;
-- frozen parameters and the BatchNorm statistics of frozen groups are carried over
-  untouched (not "updated by zero");
-- a frozen prefix of groups (`start` > stem) is not run in training at all: its output is
-  computed once per split (`prefix_outputs`) and the remaining groups train on it;
-- compiled programs are cached by their static description and argument shapes, so cells
-  that differ only in seed, data values, learning rate or weight decay reuse them (compile
-  once per shape): the peak lr and weight decay are inputs of the step (`step_inputs`), not
-  constants, so a learning-rate selection grid costs no extra compilation;
-- with several local devices, training is data parallel (`tlresearch.parallel`): data and
-  state replicated, each batch split over the devices inside the one jitted step, results
-  equal to one device's up to float reduction order.
+A strategy is a list of stages; each stage trains the groups its rules leave trainable,
+above a frozen prefix whose output is computed once per split. Early stopping watches the
+validation split and restores the best epoch's weights; a non-finite loss stops a seed.
+
+S > 1 seeds train either one after another (`programs.Single`, each seed data parallel
+over the local devices when there are several) or together in one vmapped program
+(`programs.Stacked`), chosen by `seeds_mode`. The loop below is the same for both: every
+per-seed quantity carries a seed axis, and a seed that is done is masked out.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
+import logging
 import time
-from typing import Any
 
-from flax import struct, traverse_util
+from flax import traverse_util
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-from tlresearch import optim, parallel, penalty
+from tlresearch import optim, parallel, penalty, programs
 from tlresearch.checkpoint import CheckpointError
-from tlresearch.data import preprocess as preprocessing
-from tlresearch.data.augment import AugmentSpec, augment
+from tlresearch.data.augment import AugmentSpec
+from tlresearch.errors import UserError, choices
 from tlresearch.strategies import FROZEN, frozen_groups, resolve, stage_epochs
 
-# Images are stored as uint8 and normalised on device, as the model declares.
-MEAN, STD = preprocessing.STANDARD_MEAN, preprocessing.STANDARD_STD
+log = logging.getLogger(__name__)
+
+SEEDS_MODES = ("auto", "vmap", "loop")
+SPLITS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+BN_STATS = ("update", "frozen")
+MONITORS = ("val_accuracy", "val_loss")
+
+
+def check(cfg) -> None:
+  """UserError for an invalid value of a `train` config, before anything trains."""
+  es = cfg.early_stopping
+  rules = [
+      (cfg.epochs >= 1, f"train.epochs must be >= 1, got {cfg.epochs}"),
+      (cfg.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.batch_size}"),
+      (cfg.lr > 0, f"train.lr must be > 0, got {cfg.lr}"),
+      (cfg.weight_decay >= 0, f"train.weight_decay must be >= 0, got {cfg.weight_decay}"),
+      (cfg.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {cfg.warmup_epochs}"),
+      (es.patience >= 1, f"train.early_stopping.patience must be >= 1, got {es.patience}"),
+      (es.monitor in MONITORS,
+       f"train.early_stopping.monitor must be one of {choices(MONITORS)}, got '{es.monitor}'"),
+      (cfg.bn_stats in BN_STATS,
+       f"train.bn_stats must be one of {choices(BN_STATS)}, got '{cfg.bn_stats}'"),
+      (cfg.min_steps >= 0, f"train.min_steps must be >= 0, got {cfg.min_steps}"),
+      (cfg.optimizer in optim.OPTIMIZERS,
+       f"unknown train.optimizer '{cfg.optimizer}'; valid: {choices(optim.OPTIMIZERS)}"),
+      (cfg.seeds_mode in SEEDS_MODES,
+       f"train.seeds_mode must be one of {choices(SEEDS_MODES)}, got '{cfg.seeds_mode}'"),
+  ]
+  for ok, message in rules:
+    if not ok:
+      raise UserError(message)
+
+
+def seeds_mode(cfg, backend: str | None = None, devices: int | None = None) -> str:
+  """How the seeds of a configuration train under `cfg.seeds_mode`: "vmap" or "loop".
+
+  "auto" is loop on CPU (where three vmapped seeds ran ~3x slower than a loop:
+  docs/performance.md) and vmap on a single accelerator; with several local devices and
+  `data_parallel` on it loops, since the vmapped program runs on one device while each
+  looped seed trains data parallel over all of them."""
+  if cfg.seeds_mode != "auto":
+    return cfg.seeds_mode
+  if (backend or jax.default_backend()) == "cpu":
+    return "loop"
+  devices = jax.local_device_count() if devices is None else devices
+  return "loop" if devices > 1 and cfg.data_parallel else "vmap"
 
-
-def preprocess(x, model=None):
-  return preprocessing.apply(preprocessing.style_of(model), x)
-
-
-@struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSpec:
-  """Everything static about a train step; equal specs share one compiled program."""
-  model: Any                       # a hashable flax Module
-  rules: tuple                     # ((pattern, rule), ...)
-  optimizer: str
-  total_steps: int
-  warmup_steps: int
-  momentum: float
-  start: str                       # first group run in training (earlier ones are cached)
-  frozen_bn: tuple[str, ...]       # groups whose BatchNorm is in inference mode
-  augment: AugmentSpec | None
-  batch_size: int
-  steps_per_epoch: int
-  penalty: tuple = ()              # the stage's loss penalty (tlresearch.penalty), if any
-  mesh: Any = None                 # data-parallel jax.sharding.Mesh; None: one device
-  frozen_prefix: tuple = ()        # the groups below the first trainable one
-
-  def lr_schedule(self, peak_lr):
-    # The shape is built for a peak of 1 and scaled: optax's schedule branches on its peak
-    # value in Python, and here the peak is a traced input.
-    shape = optim.schedule(1.0, self.total_steps, self.warmup_steps)
-    return lambda step: peak_lr * shape(step)
-
-  def rule_by_path(self, params) -> dict:
-    return resolve(self.rules, traverse_util.flatten_dict(params, sep="/").keys())
-
-  def tx(self, params, inputs: dict):
-    return optim.make(self.rule_by_path(params), params, optimizer=self.optimizer,
-                      lr=self.lr_schedule(inputs["lr"]), weight_decay=inputs["weight_decay"],
-                      momentum=self.momentum)[0]
-
-
-def step_inputs(peak_lr: float, weight_decay: float, anchor: dict | None = None) -> dict:
-  """The dynamic inputs of a train step: peak lr, weight decay, and the penalty's anchor
-  weights ({} without a penalty)."""
-  return {"lr": jnp.float32(peak_lr), "weight_decay": jnp.float32(weight_decay),
-          "anchor": anchor or {}}
-
-
-# ---------------------------------------------------------------- compile cache
-
-COMPILE_SECONDS = [0.0]  # total seconds spent compiling in this process
-_COMPILED: dict = {}
-
-
-def _compiled(fn, static, *args):
-  shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
-  # A compiled program accepts only the input shardings it was lowered with: one for
-  # replicated inputs must not serve single-device ones, or the reverse. One-device inputs
-  # (host NumPy arrays included) all key as None, so they share programs as they always did.
-  shardings = tuple(_multi_device_sharding(a) for a in jax.tree.leaves(args))
-  key = (fn.__name__, static, jax.tree.structure(shapes), tuple(jax.tree.leaves(shapes)),
-         shardings)
-  if key not in _COMPILED:
-    t0 = time.perf_counter()
-    if not compile_reuse():
-      # A new function object misses JAX's own trace and compile caches, which are keyed by
-      # the function: what a training loop that jits a fresh closure per run pays.
-      fn = functools.wraps(fn)(lambda *a, _fn=fn: _fn(*a))
-    mesh = getattr(static, "mesh", None)
-    # Data-parallel programs return replicated values, so that what one call returns (the
-    # state, the cached prefix) is a valid input of the next, compiled for replicated inputs.
-    out = {} if mesh is None else {"out_shardings": parallel.replicated(mesh)}
-    _COMPILED[key] = jax.jit(fn, static_argnums=0, **out).lower(static, *args).compile()
-    COMPILE_SECONDS[0] += time.perf_counter() - t0
-  return _COMPILED[key]
-
-
-def _multi_device_sharding(a):
-  sharding = getattr(a, "sharding", None)
-  return sharding if sharding is not None and len(sharding.device_set) > 1 else None
-
-
-def clear_compile_cache():
-  _COMPILED.clear()
-
-
-def compile_reuse() -> bool:
-  """False under `TLRESEARCH_COMPILE_CACHE=off`: every cell traces and compiles its own
-  programs and nothing is cached on disk (how `tlresearch.bench --baseline` measures what
-  reuse saves)."""
-  return os.environ.get("TLRESEARCH_COMPILE_CACHE", "on") != "off"
-
-
-def _init_variables(model, key, x):
-  return model.init(key, x)
-
-
-def init_variables(model, key, input_shape) -> dict:
-  """`model.init` as one compiled program (cached like the steps, and on disk): run eagerly,
-  the first init in a process dispatches and compiles every op on its own, 10-20 s on this
-  CPU. The values are bitwise those of the eager init (tested)."""
-  x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-  out = _compiled(_init_variables, model, key, x)(key, x)
-  # A compiled program returns dicts with sorted keys; keep the groups in network order,
-  # as the eager init does.
-  order = {g: i for i, g in enumerate(model.groups)}
-  return {c: dict(sorted(tree.items(), key=lambda kv: order.get(kv[0], len(order))))
-          for c, tree in out.items()}
-
-
-# ---------------------------------------------------------------- params split
-
-def split_params(params, rule_by_path):
-  flat = traverse_util.flatten_dict(params, sep="/")
-  trainable = {p: v for p, v in flat.items() if rule_by_path[p] != FROZEN}
-  frozen = {p: v for p, v in flat.items() if rule_by_path[p] == FROZEN}
-  return trainable, frozen
-
-
-def join_params(trainable, frozen):
-  return traverse_util.unflatten_dict({**trainable, **frozen}, sep="/")
-
-
-def _keep_frozen_stats(new_stats, old_stats, frozen_bn):
-  """New BatchNorm statistics for trainable groups, the old ones for frozen groups."""
-  return {g: (old_stats[g] if g in frozen_bn or g not in new_stats else new_stats[g])
-          for g in old_stats}
-
-
-# ---------------------------------------------------------------- programs
-
-def _init_opt_state(spec: StepSpec, params, inputs):
-  return spec.tx(params, inputs).init(params)
-
-
-def init_state(spec: StepSpec, variables, inputs: dict | None = None) -> TrainState:
-  params = variables["params"]
-  inputs = inputs if inputs is not None else step_inputs(0.0, 0.0)
-  opt_state = _compiled(_init_opt_state, spec, params, inputs)(params, inputs)
-  return parallel.replicate(TrainState(jnp.zeros((), jnp.int32), params,
-                                       variables.get("batch_stats", {}), opt_state), spec.mesh)
-
-
-def loss_and_logits(spec, params, batch_stats, x, y, train, dropout_key):
-  variables = {"params": params, "batch_stats": batch_stats}
-  kwargs = dict(train=train, frozen_bn=spec.frozen_bn, start=spec.start)
-  if train:
-    logits, updates = spec.model.apply(variables, x, rngs={"dropout": dropout_key},
-                                       mutable=["batch_stats"], **kwargs)
-    new_stats = updates.get("batch_stats", {})
-  else:
-    logits, new_stats = spec.model.apply(variables, x, **kwargs), batch_stats
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return loss, (logits, new_stats)
-
-
-def _train_step(spec: StepSpec, state: TrainState, x, y, keys, inputs):
-  """One optimizer step on batch (x, y); keys = (dropout, augment) base keys; `inputs`:
-  `step_inputs` (lr, weight decay, the penalty's anchor)."""
-  rule_by_path = spec.rule_by_path(state.params)
-  trainable, frozen = split_params(state.params, rule_by_path)
-  if spec.start == spec.model.groups[0]:
-    x = preprocess(x, spec.model)
-    if spec.augment is not None:
-      x = augment(jax.random.fold_in(keys[1], state.step), x, spec.augment)
-  dropout_key = jax.random.fold_in(keys[0], state.step)
-
-  def loss_fn(trainable):
-    loss, aux = loss_and_logits(spec, join_params(trainable, frozen), state.batch_stats, x, y,
-                                True, dropout_key)
-    pen = penalty.value(spec.penalty, trainable, inputs["anchor"], spec.model.groups[-1])
-    return loss + pen, aux
-
-  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-  # Frozen leaves get a zero placeholder gradient: set_to_zero() ignores it, and XLA never
-  # computes it (it is a constant).
-  full_grads = join_params(grads, jax.tree.map(jnp.zeros_like, frozen))
-  updates, opt_state = spec.tx(state.params, inputs).update(full_grads, state.opt_state,
-                                                            state.params)
-  flat_updates = traverse_util.flatten_dict(updates, sep="/")
-  new_trainable = {p: v + flat_updates[p].astype(v.dtype) for p, v in trainable.items()}
-  new_state = TrainState(state.step + 1, join_params(new_trainable, frozen),
-                         _keep_frozen_stats(new_stats, state.batch_stats, spec.frozen_bn),
-                         opt_state)
-  acc = jnp.mean(jnp.argmax(logits, -1) == y)
-  return new_state, (loss, acc)
-
-
-def _train_step_at(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key, aug_key,
-                   inputs):
-  """`_train_step` on the batch x[batch_idx]: the gather happens on device.
-
-  With a mesh, the gathered batch is split over the devices along its batch dimension; XLA
-  partitions the rest of the step from there (gradient and BatchNorm all-reduces included).
-  """
-  xb, yb = (parallel.shard_batch(a[batch_idx], spec.mesh) for a in (x, y))
-  return _train_step(spec, state, xb, yb, (dropout_key, aug_key), inputs)
-
-
-def _epoch_order(spec: StepSpec, n_key, order_key):
-  """[steps, batch] example indices: a seeded permutation; the last batch wraps around."""
-  n = n_key.shape[0]
-  perm = jax.random.permutation(order_key, n)
-  return jnp.resize(perm, (spec.steps_per_epoch * spec.batch_size,)).reshape(
-      spec.steps_per_epoch, spec.batch_size)
-
-
-def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key, inputs):
-  """One pass over (x, y) in a seeded random order.
-
-  A Python loop over one compiled step rather than a `lax.scan`: on XLA:CPU the scanned
-  epoch ran 14-18x slower than the same steps dispatched one by one (88 vs 1,600 images/s
-  for the default ResNet, measured here), while the per-step dispatch costs well under a
-  millisecond. Data stays on device, batches are gathered there, and the host waits once
-  per epoch (for the metrics).
-  """
-  # With a mesh every program input is replicated (the keys are made on one device).
-  order_key, dropout_key, aug_key = parallel.replicate((order_key, dropout_key, aug_key),
-                                                       spec.mesh)
-  order = _compiled(_epoch_order, spec, y, order_key)(y, order_key)
-  step = _compiled(_train_step_at, spec, state, x, y, order[0], dropout_key, aug_key, inputs)
-  losses, accs = [], []
-  for i in range(spec.steps_per_epoch):
-    state, (loss, acc) = step(state, x, y, order[i], dropout_key, aug_key, inputs)
-    losses.append(loss)
-    accs.append(acc)
-  losses = jnp.stack(losses)
-  return state, {"train_loss": jnp.mean(losses), "train_accuracy": jnp.mean(jnp.stack(accs)),
-                 "step_losses": losses}
-
-
-# ---------------------------------------------------------------- evaluation
-
-EVAL_CHUNK = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSpec:
-  model: Any
-  start: str | None = None  # None: the model's first group
-  stop: str | None = None   # None: its last
-  mesh: Any = None          # data-parallel jax.sharding.Mesh (chunks split over it); None
-
-
-def _chunk_size(n: int, devices: int) -> int:
-  """Examples per evaluation chunk: a small split is not padded up to a whole chunk, and
-  a chunk splits evenly over the devices."""
-  chunk = max(1, min(EVAL_CHUNK, n))
-  return -(-chunk // devices) * devices
-
-
-def _forward_chunks(spec: EvalSpec, variables, x):
-  """Inference-mode output of groups start..stop for all of x, in fixed-size chunks."""
-  n = x.shape[0]
-  chunk = _chunk_size(n, parallel.size(spec.mesh))
-  pad = (-n) % chunk
-  xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-  xs = parallel.shard_batch(xs.reshape((-1, chunk) + x.shape[1:]), spec.mesh, axis=1)
-  groups = spec.model.groups
-  start, stop = spec.start or groups[0], spec.stop or groups[-1]
-
-  def one(xb):
-    xb = parallel.shard_batch(xb, spec.mesh)
-    if start == groups[0]:
-      xb = preprocess(xb, spec.model)
-    return spec.model.apply(variables, xb, train=False, start=start, stop=stop)
-
-  out = jax.lax.map(one, xs)
-  return out.reshape((-1,) + out.shape[2:])[:n]
-
-
-def prefix_outputs(model, variables, x, stop: str, mesh=None):
-  """Output of the frozen groups first..stop (inference mode): the cached training input.
-  With a mesh, `variables` and `x` must be replicated over it (so is the output)."""
-  spec = EvalSpec(model, None, stop, mesh)
-  return _compiled(_forward_chunks, spec, variables, x)(variables, x)
-
-
-def _evaluate(spec: EvalSpec, variables, x, y):
-  logits = _forward_chunks(spec, variables, x)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  pred = jnp.argmax(logits, -1)
-  return {"loss": loss, "accuracy": jnp.mean(pred == y)}, pred
-
-
-def evaluate(model, variables, x, y, start: str | None = None, mesh=None):
-  """({'loss', 'accuracy'}, predictions) of the whole model on (x, y). With a mesh,
-  the arrays must be replicated over it."""
-  spec = EvalSpec(model, start, mesh=mesh)
-  metrics, pred = _compiled(_evaluate, spec, variables, x, y)(variables, x, y)
-  return {k: float(v) for k, v in metrics.items()}, np.asarray(pred)
-
-
-# ---------------------------------------------------------------- fit
 
 @dataclasses.dataclass(frozen=True)
 class CellKeys:
@@ -355,23 +89,39 @@ class CellKeys:
     return cls(*(jax.random.fold_in(base, i) for i in range(4)))
 
 
+@dataclasses.dataclass
+class FitResult:
+  """What `fit` returns for one seed."""
+  variables: dict              # the final weights (the best epoch's, with early stopping)
+  history: list                # one record per epoch trained (train/val loss and accuracy, lr)
+  best_epoch: int
+  val: dict                    # {'loss', 'accuracy'} of the final weights on validation
+  test: dict                   # ... and on test
+  test_predictions: np.ndarray
+  cached_prefix: bool          # whether a frozen prefix was run once instead of every step
+  notes: list                  # what a reader of the results should know about this run
+  diverged: dict | None        # {'epoch', 'step'} of the first non-finite loss, or None
+  fit_seconds: float           # the whole fit's wall time (shared by seeds trained together)
+
+  @property
+  def epochs_run(self) -> int:
+    return len(self.history)
+
+
 def _first_trainable_group(rule_by_path, groups) -> int:
   return min(groups.index(p.split("/")[0]) for p, r in rule_by_path.items() if r != FROZEN)
 
 
-def _variables(params, batch_stats):
-  return {"params": params, "batch_stats": batch_stats}
-
-
 def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,
-               cache: bool | None = None, mesh=None) -> tuple[StepSpec, dict]:
+               cache: bool | None = None, mesh=None) -> tuple[programs.StepSpec, dict]:
   """The compiled-step description and step inputs of one strategy stage.
 
   `cfg` is the cell's `train` config; `cache` (default `cfg.cache_frozen_prefix`) starts
   training above the frozen prefix, whose output is then computed once per split; never
   with augmentation on, which changes the prefix's input every step. With a data-parallel
   `mesh` (`variables` replicated over it) the step splits each batch over its devices and
-  the inputs are replicated.
+  the inputs are replicated. `variables` may be stacked over seeds (their penalty anchors
+  then are too).
   """
   groups = model.groups
   aug = AugmentSpec.from_config(cfg.augment)
@@ -383,177 +133,277 @@ def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,
   cache = bool(cfg.cache_frozen_prefix) if cache is None else cache
   start = groups[first] if first > 0 and aug is None and cache else groups[0]
   # "frozen": every BatchNorm in inference mode with its statistics kept, trainable or not.
-  frozen_bn = (tuple(groups) if cfg.get("bn_stats", "update") == "frozen"
-               else frozen_groups(rule_by_path, groups))
-  spec = StepSpec(
+  frozen_bn = tuple(groups) if cfg.bn_stats == "frozen" else frozen_groups(rule_by_path, groups)
+  spec = programs.StepSpec(
       model=model, rules=tuple(stage.rules), optimizer=cfg.optimizer,
       total_steps=n_epochs * steps, warmup_steps=round(cfg.warmup_epochs * steps),
       momentum=float(cfg.momentum), start=start, frozen_bn=frozen_bn,
       augment=aug if start == groups[0] else None, batch_size=batch_size,
       steps_per_epoch=steps, penalty=tuple(stage.penalty), frozen_prefix=tuple(groups[:first]),
       mesh=mesh)
-  inputs = step_inputs(float(cfg.lr), float(cfg.weight_decay) if stage.weight_decay else 0.0,
-                       penalty.anchor(stage, flat_params, rule_by_path))
+  inputs = programs.step_inputs(float(cfg.lr),
+                                float(cfg.weight_decay) if stage.weight_decay else 0.0,
+                                penalty.anchor(stage, flat_params, rule_by_path))
   return spec, parallel.replicate(inputs, mesh)
 
 
-def fit(model, variables, strategy, data, cfg, keys: CellKeys, log=print, on_epoch=None,
-        checkpointer=None) -> dict:
-  """Trains `variables` under `strategy` on `data` (a `tlresearch.data.Dataset`).
+# ---------------------------------------------------------------- fit
 
-  `cfg` is the cell's `train` ConfigDict. Early stopping watches `cfg.early_stopping.monitor`
-  on the validation split and, when it stops or the budget ends, restores the best epoch's
-  weights. A non-finite training loss stops the run (`diverged` names the epoch and step).
-  Returns the final variables, per-epoch history and test metrics/predictions.
-  `on_epoch(record, state)` is called after every epoch (tests use it to snapshot weights).
+def fit(model, starts, strategy, datas, cfg, keys, checkpointer=None,
+        on_epoch=None) -> list[FitResult]:
+  """Trains each seed's starting variables under `strategy`; one `FitResult` per seed.
 
-  With a `checkpoint.FitCheckpointer`, progress is saved between epochs and a later call
-  resumes from the newest checkpoint; the result is bitwise identical to an uninterrupted
-  run because every random stream is keyed by seed, epoch and step, never by wall time. A
-  damaged checkpoint is logged and the run starts from scratch.
+  Args:
+    model: the Flax module (every seed's).
+    starts, datas, keys: per seed, aligned: starting variables, `tlresearch.data.Dataset`,
+      `CellKeys`.
+    cfg: the `train` config (one for all seeds: they differ only in seed).
+    checkpointer: `checkpointer(seed_indices)` -> a `checkpoint.FitCheckpointer` for the
+      seeds that train together, or None. Progress is saved between epochs and a later call
+      resumes from the newest checkpoint, bitwise identical to an uninterrupted run (every
+      random stream is keyed by seed, epoch and step). A damaged checkpoint is logged and
+      those seeds start from scratch.
+    on_epoch: called as `on_epoch(seed_index, record, state)` after each seed's epoch
+      (`state` is the stacked state when seeds train together).
+
+  Seeds train together (one vmapped program) when `seeds_mode(cfg)` is "vmap", there are
+  several, and their splits have equal sizes; otherwise one after another.
   """
-  if checkpointer is not None:
-    resume = checkpointer.peek()
-    if resume is not None:
-      try:
-        return _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointer,
-                    resume)
-      except CheckpointError as e:
-        log(f"warning: {e}; restarting this run from scratch")
-        checkpointer.clear()
-  return _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointer, None)
+  indices = list(range(len(datas)))
+  shapes = {tuple(np.shape(getattr(d, s)) for s in SPLITS) for d in datas}
+  if len(datas) > 1 and seeds_mode(cfg) == "vmap":
+    if len(shapes) == 1:
+      return _fit_resuming(programs.Stacked(len(datas)), model, starts, strategy, datas, cfg,
+                           keys, indices, checkpointer, on_epoch)
+    log.info("training %d seeds one by one: their splits differ in size", len(datas))
+  out = []
+  for i in indices:
+    mesh, note = parallel.for_batch(min(int(cfg.batch_size), len(datas[i].train_x)),
+                                    bool(cfg.data_parallel))
+    if mesh is not None:
+      log.info("data parallel over %d devices", mesh.size)
+    lanes = programs.Single(mesh)
+    out += _fit_resuming(lanes, model, [starts[i]], strategy, [datas[i]], cfg, [keys[i]], [i],
+                         checkpointer, on_epoch, [note] if note else [])
+  return out
 
 
-def _progress_tree(state, best_params, best_stats, anchor) -> dict:
-  """The arrays of a fit checkpoint (the rest of the progress is JSON meta)."""
-  tree = {"state": state, "best_params": best_params, "best_stats": best_stats}
-  return {**tree, "anchor": anchor} if anchor else tree
+def _fit_resuming(lanes, model, starts, strategy, datas, cfg, keys, indices, checkpointer,
+                  on_epoch, notes=()) -> list[FitResult]:
+  ckpt = checkpointer(indices) if checkpointer is not None else None
+  resume = ckpt.peek() if ckpt is not None else None
+  if resume is not None:
+    try:
+      return _Fit(lanes, model, strategy, datas, cfg, keys, indices, ckpt, on_epoch,
+                  notes).run(starts, resume)
+    except CheckpointError as e:
+      log.warning("%s; restarting this run from scratch", e)
+      ckpt.clear()
+  return _Fit(lanes, model, strategy, datas, cfg, keys, indices, ckpt, on_epoch,
+              notes).run(starts, None)
 
 
-def _on_device(a, mesh):
-  """A dataset array on device: on every device of the mesh, if there is one."""
-  return parallel.replicate(jnp.asarray(a), mesh)
+@dataclasses.dataclass
+class _Seed:
+  """One seed's bookkeeping: its record so far and, within a stage, its early stopping."""
+  history: list = dataclasses.field(default_factory=list)
+  notes: list = dataclasses.field(default_factory=list)
+  best_epoch: int = 0
+  cached: bool = False
+  diverged: dict | None = None
+  val: dict | None = None
+  test: dict | None = None
+  pred: np.ndarray | None = None
+  active: bool = True          # still training in this stage
+  best_score: float | None = None
+  stage_best_epoch: int | None = None  # None: no epoch scored yet in this stage
+  wait: int = 0
 
+  def note(self, text: str) -> None:
+    if text not in self.notes:
+      self.notes.append(text)
 
-def _log_devices(mesh, note, notes, log) -> None:
-  """Says once how many devices train, and why fewer than all when so."""
-  if mesh is not None:
-    log(f"data parallel over {mesh.size} devices")
-  if note is not None:
-    log(f"note: {note}")
-    if note not in notes:  # a resumed run already carries it
-      notes.append(note)
+  def progress(self) -> dict:
+    """JSON meta for a checkpoint."""
+    return {"history": self.history, "notes": self.notes, "active": self.active,
+            "best_score": self.best_score, "stage_best_epoch": self.stage_best_epoch,
+            "wait": self.wait, "best_epoch": self.best_epoch, "cached": self.cached,
+            "diverged": self.diverged}
+
+  @classmethod
+  def from_progress(cls, meta: dict) -> "_Seed":
+    return cls(**meta)
 
 
 def _first_nonfinite(losses) -> int:
   return int(np.flatnonzero(~np.isfinite(np.asarray(losses)))[0])
 
 
-def _fit(model, variables, strategy, data, cfg, keys, log, on_epoch, checkpointer, resume):
-  groups = model.groups
-  aug = AugmentSpec.from_config(cfg.augment)
-  es = cfg.early_stopping
-  sign = 1.0 if es.monitor == "val_accuracy" else -1.0
-  history, notes = (list(resume["history"]), list(resume["notes"])) if resume else ([], [])
-  if resume:
-    log(f"resuming from {resume['path']} ({resume['epochs_done']} epochs done)")
-  best_epoch, cached, diverged = 0, False, None
-  t_start = time.perf_counter()
-  n = len(data.train_x)
-  batch_size = min(int(cfg.batch_size), n)
-  steps = -(-n // batch_size)
-  budget = optim.epoch_budget(int(cfg.epochs), steps, int(cfg.get("min_steps", 0)))
-  mesh, note = parallel.for_batch(batch_size, bool(cfg.get("data_parallel", True)))
-  _log_devices(mesh, note, notes, log)
-  for stage_index, (stage, n_epochs) in enumerate(zip(strategy.stages,
-                                                      stage_epochs(strategy.stages, budget))):
-    if n_epochs <= 0:
-      continue
-    if resume is not None and stage_index < resume["stage"]:
-      continue  # finished before the interruption; the checkpoint holds what it produced
-    # With a mesh every array a program reads is replicated over it (a no-op when it is).
-    variables = parallel.replicate(variables, mesh)
-    spec, inputs = stage_spec(model, stage, variables, cfg, n, n_epochs, mesh=mesh)
-    start = spec.start
-    use_cache = start != groups[0]
-    if aug is not None and spec.frozen_prefix:
-      notes.append(f"frozen prefix ({', '.join(spec.frozen_prefix)}) not cached: "
-                   "augmentation is on")
-    lr = spec.lr_schedule(float(cfg.lr))
-    state = init_state(spec, variables, inputs)
-    best, wait, first_epoch, stopped = None, 0, 0, False
-    if resume is not None:  # this is the stage the checkpoint was saved in
-      tree = parallel.replicate(
-          checkpointer.restore(resume, _progress_tree(state, state.params, state.batch_stats,
-                                                      inputs["anchor"])), mesh)
-      state = tree["state"]
-      # The penalty's anchor is the stage's starting weights, saved with the progress.
-      inputs = {**inputs, "anchor": tree.get("anchor", {})}
-      best = (resume["best_score"], tree["best_params"], tree["best_stats"], resume["best_epoch"])
-      wait, first_epoch, stopped = resume["wait"], resume["stage_epoch"], resume["stopped"]
-      # Frozen params and frozen BatchNorm stats are untouched by training, so the restored
-      # state runs the frozen prefix exactly as the stage's starting variables did.
-      variables = _variables(state.params, state.batch_stats)
-      resume = None
-    if use_cache:
-      stop = groups[groups.index(start) - 1]
-      train_in, val_in, test_in = (prefix_outputs(model, variables, _on_device(a, mesh), stop,
-                                                  mesh)
-                                   for a in (data.train_x, data.val_x, data.test_x))
-      cached = True
-    else:
-      train_in, val_in, test_in = (_on_device(a, mesh)
-                                   for a in (data.train_x, data.val_x, data.test_x))
-    ty, vy = _on_device(data.train_y, mesh), _on_device(data.val_y, mesh)
+class _Fit:
+  """One run of the training loop over `lanes` (1 seed, or S stacked ones)."""
+
+  def __init__(self, lanes, model, strategy, datas, cfg, keys, indices, ckpt, on_epoch,
+               notes):
+    self.lanes, self.model, self.strategy, self.cfg = lanes, model, strategy, cfg
+    self.indices, self.ckpt, self.on_epoch = indices, ckpt, on_epoch
+    self.seeds = [_Seed(notes=list(notes)) for _ in datas]
+    self.data = {s: lanes.stack([getattr(d, s) for d in datas]) for s in SPLITS}
+    self.keys = {f: lanes.stack([getattr(k, f) for k in keys])
+                 for f in ("order", "dropout", "augment")}
+    self.n = len(datas[0].train_x)
+    self.steps = -(-self.n // min(int(cfg.batch_size), self.n))
+    es = cfg.early_stopping
+    self.es, self.sign = es, (1.0 if es.monitor == "val_accuracy" else -1.0)
+    self.epochs_done = 0
+
+  def run(self, starts, resume) -> list[FitResult]:
+    t_start = time.perf_counter()
+    lanes, groups = self.lanes, self.model.groups
+    if resume is not None:
+      log.info("resuming from %s (%d epochs done)", resume["path"], resume["epochs_done"])
+      self.seeds = [_Seed.from_progress(m) for m in resume["seeds"]]
+      self.epochs_done = resume["epochs_done"]
+    variables = lanes.stack(starts)
+    budget = optim.epoch_budget(int(self.cfg.epochs), self.steps, int(self.cfg.min_steps))
+    inputs = None
+    for stage_index, (stage, n_epochs) in enumerate(zip(self.strategy.stages,
+                                                        stage_epochs(self.strategy.stages,
+                                                                     budget))):
+      live = [s for s, r in enumerate(self.seeds) if r.diverged is None]
+      if n_epochs <= 0 or not live:
+        continue  # a diverged seed runs no later stage
+      if resume is not None and stage_index < resume["stage"]:
+        continue  # finished before the interruption; the checkpoint holds what it produced
+      spec, stage_inputs = stage_spec(self.model, stage, variables, self.cfg, self.n, n_epochs,
+                                      mesh=lanes.mesh)
+      inputs = lanes.per_seed_inputs(stage_inputs)
+      if AugmentSpec.from_config(self.cfg.augment) is not None and spec.frozen_prefix:
+        for s in live:
+          self.seeds[s].note(f"frozen prefix ({', '.join(spec.frozen_prefix)}) not cached: "
+                             "augmentation is on")
+      state = lanes.init_state(spec, variables, inputs)
+      first_epoch, best_weights = 0, (state.params, state.batch_stats)
+      if resume is None:
+        for s in live:
+          r = self.seeds[s]
+          r.active, r.best_score, r.stage_best_epoch, r.wait = True, None, None, 0
+      else:  # this is the stage the checkpoint was saved in
+        tree = self.ckpt.restore(resume, self._progress_tree(state, best_weights,
+                                                             inputs["anchor"]))
+        tree = parallel.replicate(tree, lanes.mesh)
+        state, best_weights = tree["state"], (tree["best_params"], tree["best_stats"])
+        # The penalty's anchor is the stage's starting weights, saved with the progress.
+        inputs = {**inputs, "anchor": tree.get("anchor", {})}
+        first_epoch = resume["stage_epoch"]
+        # Frozen params and frozen BatchNorm stats are untouched by training, so the
+        # restored state runs the frozen prefix exactly as the stage's start did.
+        variables = programs.variables_of(state)
+        resume = None
+      splits = self._inputs(spec, variables, live)
+      state, best_weights = self._epochs(spec, state, best_weights, splits, inputs, stage,
+                                         stage_index, first_epoch, n_epochs)
+      variables = self._end_stage(state, best_weights, live)
+      ended = [s for s in live if self.seeds[s].diverged is not None]
+      self._test(variables, splits, spec.start, ended)  # on this stage's inputs
+    self._test(variables, splits, spec.start,
+               [s for s, r in enumerate(self.seeds) if r.test is None])
+    seconds = time.perf_counter() - t_start
+    return [FitResult(variables=v, history=r.history, best_epoch=r.best_epoch, val=r.val,
+                      test=r.test, test_predictions=r.pred, cached_prefix=r.cached,
+                      notes=r.notes, diverged=r.diverged, fit_seconds=seconds)
+            for v, r in zip(lanes.unstack(variables), self.seeds)]
+
+  def _inputs(self, spec, variables, live) -> dict:
+    """The stage's training / validation / test inputs: the frozen prefix's outputs where it
+    is cached, else the images."""
+    groups, lanes, d = self.model.groups, self.lanes, self.data
+    if spec.start == groups[0]:
+      return {"train": d["train_x"], "val": d["val_x"], "test": d["test_x"]}
+    stop = groups[groups.index(spec.start) - 1]
+    for s in live:
+      self.seeds[s].cached = True
+    return {split: lanes.prefix_outputs(self.model, variables, d[f"{split}_x"], stop)
+            for split in ("train", "val", "test")}
+
+  def _epochs(self, spec, state, best_weights, splits, inputs, stage, stage_index,
+              first_epoch, n_epochs):
+    lanes, seeds, es = self.lanes, self.seeds, self.es
+    lr = spec.lr_schedule(float(self.cfg.lr))
     for stage_epoch in range(first_epoch, n_epochs):
-      if stopped:
+      active = np.array([r.active and r.diverged is None for r in seeds])
+      if not active.any():
         break
-      epoch = len(history)
       t0 = time.perf_counter()
-      state, m = train_epoch(spec, state, train_in, ty, jax.random.fold_in(keys.order, epoch),
-                             keys.dropout, keys.augment, inputs)
-      val, _ = evaluate(model, _variables(state.params, state.batch_stats), val_in, vy, start,
-                        mesh)
-      record = {"epoch": epoch + 1, "stage": stage.name,
-                "train_loss": float(m["train_loss"]), "train_accuracy": float(m["train_accuracy"]),
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                "lr": float(lr((stage_epoch + 1) * steps - 1)),  # at the epoch's last step
-                "seconds": time.perf_counter() - t0}
-      history.append(record)
-      if on_epoch is not None:
-        on_epoch(record, state)
-      if not np.isfinite(record["train_loss"]):
-        diverged = {"epoch": epoch + 1,
-                    "step": epoch * steps + _first_nonfinite(m["step_losses"]) + 1}
-        notes.append(f"non-finite training loss at epoch {diverged['epoch']}, "
-                     f"step {diverged['step']}: stopped")
-        break
-      score = sign * record[es.monitor]
-      if best is None or score > best[0] + float(es.min_delta):
-        best, wait = (score, state.params, state.batch_stats, epoch + 1), 0
-      else:
-        wait += 1
-        stopped = bool(es.enabled and wait >= int(es.patience))
-      if checkpointer is not None:
-        checkpointer.maybe_save(
-            len(history),
-            lambda s=state, b=best, a=inputs["anchor"]: _progress_tree(s, b[1], b[2], a),
-            {"stage": stage_index, "stage_epoch": stage_epoch + 1, "stopped": stopped,
-             "history": history, "notes": notes, "best_score": best[0], "best_epoch": best[3],
-             "wait": wait})
-    if es.enabled and best is not None and diverged is None:
-      variables = _variables(best[1], best[2])
-      best_epoch = best[3]
-    else:
-      variables = _variables(state.params, state.batch_stats)
-      best_epoch = best[3] if best is not None else len(history)
-    if diverged is not None:
-      break
-  # On the cached prefix outputs where there are any: no second pass through the backbone.
-  val, _ = evaluate(model, variables, val_in, vy, start, mesh)
-  test, pred = evaluate(model, variables, test_in, _on_device(data.test_y, mesh), start, mesh)
-  return {"variables": parallel.unreplicate(variables, mesh), "history": history,
-          "best_epoch": best_epoch,
-          "epochs_run": len(history), "val": val, "test": test, "test_predictions": pred,
-          "cached_prefix": cached, "notes": notes, "diverged": diverged,
-          "fit_seconds": time.perf_counter() - t_start}
+      order_keys = lanes.fold_in(self.keys["order"], [len(r.history) for r in seeds])
+      state, m = lanes.train_epoch(spec, state, splits["train"], self.data["train_y"],
+                                   order_keys, self.keys["dropout"], self.keys["augment"],
+                                   inputs, active)
+      val, _ = lanes.evaluate(self.model, programs.variables_of(state), splits["val"],
+                              self.data["val_y"], spec.start)
+      seconds = time.perf_counter() - t0
+      improved = np.zeros(len(seeds), bool)
+      for s in np.flatnonzero(active):
+        r, epoch = seeds[s], len(seeds[s].history)
+        record = {"epoch": epoch + 1, "stage": stage.name,
+                  "train_loss": float(m["train_loss"][s]),
+                  "train_accuracy": float(m["train_accuracy"][s]),
+                  "val_loss": float(val["loss"][s]), "val_accuracy": float(val["accuracy"][s]),
+                  "lr": float(lr((stage_epoch + 1) * self.steps - 1)),  # the epoch's last step
+                  "seconds": seconds}
+        r.history.append(record)
+        if self.on_epoch is not None:
+          self.on_epoch(self.indices[s], record, state)
+        if not np.isfinite(record["train_loss"]):
+          r.diverged = {"epoch": epoch + 1,
+                        "step": epoch * self.steps + _first_nonfinite(m["step_losses"][:, s]) + 1}
+          r.notes.append(f"non-finite training loss at epoch {r.diverged['epoch']}, "
+                         f"step {r.diverged['step']}: stopped")
+          continue
+        score = self.sign * record[es.monitor]
+        if r.stage_best_epoch is None or score > r.best_score + float(es.min_delta):
+          r.best_score, r.stage_best_epoch, r.wait = score, epoch + 1, 0
+          improved[s] = True
+        else:
+          r.wait += 1
+          r.active = not (es.enabled and r.wait >= int(es.patience))
+      if improved.any():
+        best_weights = lanes.select(improved, (state.params, state.batch_stats), best_weights)
+      self.epochs_done += 1
+      if self.ckpt is not None:
+        self.ckpt.maybe_save(
+            self.epochs_done,
+            lambda st=state, b=best_weights, a=inputs["anchor"]: self._progress_tree(st, b, a),
+            {"stage": stage_index, "stage_epoch": stage_epoch + 1,
+             "seeds": [r.progress() for r in seeds]})
+    return state, best_weights
+
+  @staticmethod
+  def _progress_tree(state, best_weights, anchor) -> dict:
+    """The arrays of a fit checkpoint (the rest of the progress is JSON meta)."""
+    tree = {"state": state, "best_params": best_weights[0], "best_stats": best_weights[1]}
+    return {**tree, "anchor": anchor} if anchor else tree
+
+  def _end_stage(self, state, best_weights, live) -> dict:
+    """Each live seed's variables after the stage: the best epoch's with early stopping
+    (unless it diverged), else the last state's."""
+    use_best = np.zeros(len(self.seeds), bool)
+    for s in live:
+      r = self.seeds[s]
+      use_best[s] = self.es.enabled and r.stage_best_epoch is not None and r.diverged is None
+      r.best_epoch = r.stage_best_epoch if r.stage_best_epoch is not None else len(r.history)
+    params, stats = self.lanes.select(use_best, best_weights, (state.params, state.batch_stats))
+    return {"params": params, "batch_stats": stats}
+
+  def _test(self, variables, splits, start, which) -> None:
+    """Final validation and test metrics of the seeds in `which` (on the cached prefix
+    outputs where there are any: no second pass through the backbone)."""
+    if not which:
+      return
+    val, _ = self.lanes.evaluate(self.model, variables, splits["val"], self.data["val_y"], start)
+    test, pred = self.lanes.evaluate(self.model, variables, splits["test"], self.data["test_y"],
+                                     start)
+    for s in which:
+      r = self.seeds[s]
+      r.val = {k: float(v[s]) for k, v in val.items()}
+      r.test = {k: float(v[s]) for k, v in test.items()}
+      r.pred = pred[s]

@@ -25,6 +25,7 @@ directions. Random labels may leave a class empty: use `k_shot` only with enough
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import threading
@@ -37,6 +38,8 @@ import tensorflow_datasets as tfds
 from tlresearch.data.builders import digits, glyphs
 from tlresearch.data.splits import DataOptions
 from tlresearch.errors import UserError, choices
+
+log = logging.getLogger(__name__)
 
 
 class DatasetSpec(NamedTuple):
@@ -284,23 +287,23 @@ def load(name: str, *, data_dir: str | None = None, k_shot: int | None = None,
 def load_for(cfg) -> Dataset:
   """The dataset of one grid cell's config: target, data dir, k-shot subset of its seed,
   resized to its model's input size, read with its `data` options (if any)."""
-  size = cfg.model.get("input_size")
+  size = cfg.model.input_size
   return load(cfg.target, data_dir=cfg.data_dir or None, k_shot=cfg.k_shot or None,
-              seed=cfg.seed, image_size=int(size) if size else None, options=cfg.get("data"),
-              class_subset=cfg.get("class_subset", ""))
+              seed=cfg.seed, image_size=int(size) if size else None, options=cfg.data,
+              class_subset=cfg.class_subset)
 
 
 SKIPPED_SHOWN = 5  # how many skipped paths a log line and final.json name
 
 
-def report(data: Dataset, log=print) -> dict:
+def report(data: Dataset) -> dict:
   """Logs how the splits were made and which files were skipped; returns the same as
   final.json fields (`skipped_files`: count and the first few paths; `data_notes`)."""
   for note in data.notes:
-    log(note)
+    log.info("%s", note)
   first = list(data.skipped[:SKIPPED_SHOWN])
   if data.skipped:
-    log(f"{data.name}: skipped {len(data.skipped)} files that are not readable images: "
+    log.info(f"{data.name}: skipped {len(data.skipped)} files that are not readable images: "
         + ", ".join(first) + (", ..." if len(data.skipped) > len(first) else ""))
   return {"skipped_files": {"count": len(data.skipped), "first": first},
           "data_notes": list(data.notes)}

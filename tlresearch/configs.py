@@ -1,0 +1,67 @@
+"""Dotted paths into ConfigDicts, and identities made of explicit field lists.
+
+A result's identity (a cell's, a cached backbone's) is the values of the fields that decide
+it, listed by the module that owns the result, plus that list's version. A key that only
+changes how a run is carried out (checkpointing, devices, how seeds are batched) is simply
+not listed, so adding one never changes an identity.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import ml_collections
+
+from tlresearch.errors import UserError
+
+MISSING = "<missing>"  # a listed field a saved config lacks: it can never match a present one
+
+
+def get_path(cfg, dotted: str):
+  """cfg['a']['b'] for 'a.b'; UserError naming the key when it does not exist."""
+  node = cfg
+  for part in dotted.split("."):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+      raise UserError(f"'{dotted}' is not a config key")
+    node = node[part]
+  return node
+
+
+def set_path(cfg, dotted: str, value) -> None:
+  """cfg['a']['b'] = value for 'a.b' (the ConfigDict keeps the key's type)."""
+  *parents, leaf = dotted.split(".")
+  node = cfg
+  for p in parents:
+    node = node[p]
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise UserError(f"value {value!r} for '{dotted}' has the wrong type ({e})") from None
+
+
+def copy(cfg, lock: bool = True) -> ml_collections.ConfigDict:
+  """An independent copy (locked: no new keys, typos fail)."""
+  out = ml_collections.ConfigDict(cfg.to_dict())
+  if lock:
+    out.lock()
+  return out
+
+
+def _plain(value):
+  return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
+
+
+def pick(config, fields: tuple[str, ...], version: int) -> dict:
+  """{'version': version, field: value} for each dotted field of `config` (a ConfigDict or
+  its dict); a field the config lacks gets MISSING."""
+  out = {"version": version}
+  for dotted in fields:
+    try:
+      out[dotted] = _plain(get_path(config, dotted))
+    except UserError:
+      out[dotted] = MISSING
+  return out
+
+
+def digest(identity: dict) -> str:
+  return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
