@@ -39,3 +39,11 @@ def tiny_train_cfg(**kw) -> ml_collections.ConfigDict:
   t = _common.train(epochs=2, batch_size=16, lr=0.05, warmup_epochs=0.0)
   t.update(kw)
   return t
+
+
+def fit_one(model, variables, strategy, data, cfg, keys, checkpointer=None, on_epoch=None):
+  """`train.fit` for one seed: its FitResult. `on_epoch(record, state)`."""
+  from tlresearch import train
+  return train.fit(model, [variables], strategy, [data], cfg, [keys],
+                   checkpointer=None if checkpointer is None else (lambda _: checkpointer),
+                   on_epoch=None if on_epoch is None else (lambda _, r, s: on_epoch(r, s)))[0]

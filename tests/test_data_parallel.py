@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch import grid, models, parallel, seeds, strategies, train
-from tests.conftest import make_dataset, tiny_model_cfg, tiny_train_cfg
+from tlresearch import cell, models, parallel, programs, strategies, train
+from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
 
 DEVICES = 4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,17 +57,17 @@ def _fit(case: dict, data_parallel: bool, variables):
   cfg = tiny_train_cfg(epochs=case["epochs"], batch_size=case["batch_size"],
                        data_parallel=data_parallel)
   cfg.early_stopping.enabled = False  # compare the last epoch's weights, not a choice
-  return train.fit(model, variables, strategies.get(case["strategy"], model.groups), ds, cfg,
-                   train.CellKeys.from_seed(0), log=lambda *_: None)
+  return fit_one(model, variables, strategies.get(case["strategy"], model.groups), ds, cfg,
+                   train.CellKeys.from_seed(0))
 
 
 def _summary(out) -> dict:
-  return {"history": [{k: v for k, v in h.items() if k != "seconds"} for h in out["history"]],
-          "test": out["test"], "notes": out["notes"], "cached_prefix": out["cached_prefix"]}
+  return {"history": [{k: v for k, v in h.items() if k != "seconds"} for h in out.history],
+          "test": out.test, "notes": out.notes, "cached_prefix": out.cached_prefix}
 
 
 def _flat_params(out) -> dict:
-  return traverse_util.flatten_dict(jax.device_get(out["variables"]["params"]), sep="/")
+  return traverse_util.flatten_dict(jax.device_get(out.variables["params"]), sep="/")
 
 
 def _step_facts(compiled) -> dict:
@@ -90,26 +90,17 @@ def _worker(out_dir: str) -> None:
   variables = traverse_util.unflatten_dict(dict(np.load(os.path.join(out_dir, "init.npz"))),
                                            sep="/")
   facts = {}
+  step = programs.train_step
   for name, case in CASES.items():
-    train.clear_compile_cache()
+    calls = []  # the train step's arguments, to lower it again and read its partitioning
+    programs.train_step = lambda *a, calls=calls: calls.append(a) or step(*a)
     out = _fit(case, data_parallel=True, variables=variables)
-    steps = [c for k, c in train._COMPILED.items() if k[0] == "_train_step_at"]
-    assert len(steps) == 1
-    facts[name] = {**_summary(out), "step": _step_facts(steps[0])}
+    programs.train_step = step
+    assert len({a[0] for a in calls}) == 1  # one step program for the whole fit
+    facts[name] = {**_summary(out), "step": _step_facts(step.lower(*calls[0]).compile())}
     np.savez(os.path.join(out_dir, f"{name}.npz"), **_flat_params(out))
-  facts["compile_keys"] = _compile_keys_differ_by_sharding()
   with open(os.path.join(out_dir, "facts.json"), "w") as f:
     json.dump(facts, f)
-
-
-def _compile_keys_differ_by_sharding() -> int:
-  """Compiled programs for the same shapes on one device and replicated over the mesh."""
-  train.clear_compile_cache()
-  spec = train.EvalSpec(None)  # hashable static argument; the program ignores it
-  y = jnp.arange(8)
-  for a in (y, parallel.replicate(y, parallel.mesh())):
-    train._compiled(lambda _, a: a + 1, spec, a)(a)
-  return len(train._COMPILED)
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +164,6 @@ def test_batch_not_divisible_by_the_devices_uses_the_largest_divisor(runs):
   assert np.isfinite(facts["history"][0]["train_loss"])
 
 
-def test_compiled_programs_are_keyed_by_input_sharding(runs):
-  assert runs[1]["compile_keys"] == 2
-
-
 def test_width_is_the_largest_device_count_dividing_the_batch():
   assert [parallel.width(b, 4) for b in (16, 6, 10, 7, 3)] == [4, 3, 2, 1, 3]
   assert parallel.width(64, 1) == 1
@@ -196,14 +183,14 @@ def test_data_parallel_switch_is_operational():
   before = cfg.to_dict()
   del before["train"]["data_parallel"], before["pretrain"]["train"]["data_parallel"]
   cfg.train.data_parallel = False
-  assert grid.identity(cfg.to_dict()) == grid.identity(before)
-  assert "data_parallel" not in json.dumps(grid.identity(cfg.to_dict()))
+  assert cell.identity(cfg) == cell.identity(before)
+  assert "data_parallel" not in json.dumps(cell.identity(cfg))
 
 
 def test_auto_seeds_mode_loops_where_each_seed_trains_data_parallel():
   # The vmapped seeds program runs on one device: with several, each looped seed uses all.
   cfg = tiny_train_cfg()
-  assert seeds.resolve_mode(cfg, backend="gpu", devices=4) == "loop"
-  assert seeds.resolve_mode(cfg, backend="gpu", devices=1) == "vmap"
+  assert train.seeds_mode(cfg, backend="gpu", devices=4) == "loop"
+  assert train.seeds_mode(cfg, backend="gpu", devices=1) == "vmap"
   cfg.data_parallel = False
-  assert seeds.resolve_mode(cfg, backend="gpu", devices=4) == "vmap"
+  assert train.seeds_mode(cfg, backend="gpu", devices=4) == "vmap"

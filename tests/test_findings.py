@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from experiments import _common
+from tlresearch import cell as cell_lib
 from tlresearch import findings, grid, selection
 from tlresearch.errors import UserError
 
@@ -123,13 +124,13 @@ def test_check_rejects_frozen_fresh_head_and_bad_values():
   cfg = cell.config
   cfg.strategy = "surgical:group=stage1"
   with pytest.raises(UserError, match="never trains the head"):
-    grid.check(cfg)
+    cell_lib.check(cfg)
   cfg.pretrained_head = True
-  grid.check(cfg)
+  cell_lib.check(cfg)
   cfg.train.bn_stats = "sometimes"
   with pytest.raises(UserError, match="train.bn_stats must be one of frozen, update"):
-    grid.check(cfg)
+    cell_lib.check(cfg)
   cfg.train.bn_stats = "frozen"
   cfg.probes = ["nope"]
   with pytest.raises(UserError, match="unknown probe"):
-    grid.check(cfg)
+    cell_lib.check(cfg)

@@ -140,12 +140,12 @@ def test_keras_weights_file_loads_through_keras(tmp_path):
   keras_model.save_weights(path)
   cfg = ml_collections.ConfigDict({"family": "vgg16", "pretrained": f"keras:{path}",
                                        "input_size": 32})
-  loaded = models.load_pretrained(cfg, log=lambda *_: None)
+  loaded = models.load_pretrained(cfg)
   np.testing.assert_array_equal(loaded["params"]["block3"]["conv2"]["kernel"],
                                 keras_model.get_layer("block3_conv2").get_weights()[0])
   cfg.family = "resnet50"  # a file of another model: one line, no traceback
   with pytest.raises(UserError, match="Keras could not load resnet50 weights from .*vgg16"):
-    models.load_pretrained(cfg, log=lambda *_: None)
+    models.load_pretrained(cfg)
 
 
 def test_default_paths_do_not_import_keras(tmp_path):

@@ -57,11 +57,11 @@ def test_mean_ci_is_a_t_interval():
 
 
 def test_compiled_init_is_bitwise_the_eager_init():
-  from tlresearch import train
+  from tlresearch import programs
   model = models.build(tiny_model_cfg(dropout_rate=0.5), 7)
   key = jax.random.fold_in(jax.random.key(3), 0)
   eager = model.init(key, jnp.zeros((1, 16, 16, 3), jnp.float32))
-  compiled = train.init_variables(model, key, (16, 16, 3))
+  compiled = programs.init_variables(model, key, (16, 16, 3))
   assert jax.tree.structure(eager) == jax.tree.structure(compiled)
   assert tuple(compiled["params"]) == tuple(eager["params"]) == model.groups
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(compiled)):

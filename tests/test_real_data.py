@@ -35,7 +35,7 @@ def _image_folder(root, classes=("cat", "dog", "eel"), per_class=6, splits=("tra
   return root
 
 
-def test_folder_decodes_resizes_carves_and_reports_skipped_files(tmp_path):
+def test_folder_decodes_resizes_carves_and_reports_skipped_files(tmp_path, caplog):
   root = _image_folder(tmp_path / "imgs")
   data = data_lib.load(f"folder:{root}", image_size=16)
   assert data.class_names == ("cat", "dog", "eel") and data.num_classes == 3
@@ -48,8 +48,9 @@ def test_folder_decodes_resizes_carves_and_reports_skipped_files(tmp_path):
   # Colour survives decoding: class means stay ordered (cat darkest, eel brightest).
   means = [data.train_x[data.train_y == c].mean() for c in range(3)]
   assert means[0] < means[1] < means[2]
-  lines = []
-  fields = data_lib.report(data, lines.append)
+  caplog.set_level("INFO", logger="tlresearch")
+  fields = data_lib.report(data)
+  lines = [r.getMessage() for r in caplog.records]
   assert fields["skipped_files"]["count"] == 2 and len(fields["skipped_files"]["first"]) == 2
   assert any("skipped 2 files" in line and "broken.jpg" in line for line in lines)
   # Seeded and fixed: the same split every time.

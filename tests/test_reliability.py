@@ -1,6 +1,7 @@
 """Fault tolerance, done for real: SIGKILL and resume, corrupted checkpoints, a forced NaN,
 a locked workdir, and a table of bad inputs with their messages and exit codes."""
 import csv
+import logging
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from tlresearch import checkpoint, io, models, pretrain, run, strategies, train
-from tests.conftest import tiny_model_cfg, tiny_train_cfg
+from tests.conftest import fit_one, tiny_model_cfg, tiny_train_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,19 +108,24 @@ def _fit_setup(spec="full"):
   return model, variables, strategies.get(spec, model.groups)
 
 
-def _fit(dataset, ckpt, on_epoch=None, log=lambda *_: None, spec="full"):
+def _fit(dataset, ckpt, on_epoch=None, spec="full"):
   model, variables, strategy = _fit_setup(spec)
   cfg = tiny_train_cfg(epochs=6)
   cfg.early_stopping.enabled = False
-  return train.fit(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0), log,
-                   on_epoch=on_epoch, checkpointer=ckpt)
+  return fit_one(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0),
+                 on_epoch=on_epoch, checkpointer=ckpt)
+
+
+def _logs(caplog):
+  return [("warning: " if r.levelno >= logging.WARNING else "") + r.getMessage()
+          for r in caplog.records]
 
 
 def _same_result(a, b):
   strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
-  assert strip(a["history"]) == strip(b["history"])
-  assert a["test"] == b["test"]
-  for x, y in zip(jax.tree.leaves(a["variables"]), jax.tree.leaves(b["variables"])):
+  assert strip(a.history) == strip(b.history)
+  assert a.test == b.test
+  for x, y in zip(jax.tree.leaves(a.variables), jax.tree.leaves(b.variables)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -127,7 +133,7 @@ def _same_result(a, b):
 # gradual_unfreeze: one group per epoch); l2_sp needs its anchor (the starting weights) back.
 @pytest.mark.parametrize("spec, stop_after", [("full", 3), ("lp_ft", 5), ("gradual_unfreeze", 4),
                                               ("l2_sp", 3)])
-def test_fit_interrupted_mid_run_resumes_bitwise(dataset, tmp_path, spec, stop_after):
+def test_fit_interrupted_mid_run_resumes_bitwise(dataset, tmp_path, spec, stop_after, caplog):
   uninterrupted = _fit(dataset, None, spec=spec)
 
   class Interrupt(Exception):
@@ -142,12 +148,11 @@ def test_fit_interrupted_mid_run_resumes_bitwise(dataset, tmp_path, spec, stop_a
     _fit(dataset, ckpt, on_epoch=stop, spec=spec)
   # bounded: keep=2
   assert checkpoint.Rolling(str(tmp_path / "ck")).steps() == [stop_after - 2, stop_after - 1]
-  logs = []
-  resumed = _fit(dataset, checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp", log=logs.append),
-                 log=logs.append, spec=spec)
-  assert any("resuming from" in m and f"{stop_after - 1} epochs done" in m for m in logs)
+  caplog.set_level(logging.INFO, logger="tlresearch")
+  resumed = _fit(dataset, checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp"), spec=spec)
+  assert any("resuming from" in m and f"{stop_after - 1} epochs done" in m for m in _logs(caplog))
   _same_result(resumed, uninterrupted)
-  assert len({r["stage"] for r in uninterrupted["history"]}) >= (2 if spec in ("lp_ft", "gradual_unfreeze") else 1)
+  assert len({r["stage"] for r in uninterrupted.history}) >= (2 if spec in ("lp_ft", "gradual_unfreeze") else 1)
 
 
 def _largest_file(directory):
@@ -177,24 +182,25 @@ def test_checkpoint_checksum_catches_zeroed_and_truncated_files(tmp_path):
     checkpoint.restore(str(tmp_path / "b"), tree)
 
 
-def test_corrupted_cell_checkpoint_restarts_from_scratch(dataset, tmp_path):
+def test_corrupted_cell_checkpoint_restarts_from_scratch(dataset, tmp_path, caplog):
   uninterrupted = _fit(dataset, None)
   ckpt = checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp", keep=1)
   _fit(dataset, ckpt)
   (step,) = ckpt.rolling.steps()
   _zero_4k(_largest_file(os.path.join(ckpt.rolling.path(step), "arrays")))
-  logs = []
-  again = _fit(dataset, checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp", log=logs.append),
-               log=logs.append)
+  caplog.set_level(logging.INFO, logger="tlresearch")
+  again = _fit(dataset, checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp"))
+  logs = _logs(caplog)
   assert any("corrupted" in m and "from scratch" in m for m in logs), logs
   _same_result(again, uninterrupted)
 
 
-def test_checkpoint_of_another_config_is_ignored(dataset, tmp_path):
+def test_checkpoint_of_another_config_is_ignored(dataset, tmp_path, caplog):
   _fit(dataset, checkpoint.FitCheckpointer(str(tmp_path / "ck"), "old-config"))
-  logs = []
-  ckpt = checkpoint.FitCheckpointer(str(tmp_path / "ck"), "new-config", log=logs.append)
-  _fit(dataset, ckpt, log=logs.append)
+  caplog.set_level(logging.INFO, logger="tlresearch")
+  ckpt = checkpoint.FitCheckpointer(str(tmp_path / "ck"), "new-config")
+  _fit(dataset, ckpt)
+  logs = _logs(caplog)
   assert not any("resuming" in m for m in logs)
   assert any("different config" in m for m in logs)
   # Only the new run's checkpoints remain (keep=2 of its 6 epochs).
@@ -203,25 +209,27 @@ def test_checkpoint_of_another_config_is_ignored(dataset, tmp_path):
              for s in ckpt.rolling.steps())
 
 
-def test_corrupted_pretrained_checkpoint_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+def test_corrupted_pretrained_checkpoint_is_rebuilt_with_a_warning(tmp_path, monkeypatch,
+                                                                  caplog):
   from experiments import _common
   pcfg = _common.pretrain()
   built = []
 
-  def fake_train_source(pcfg, log=print, checkpointer=None):
+  def fake_train_source(pcfg, checkpointer=None):
     built.append(1)
     return {"params": {"w": np.full((64, 64), 3.0, np.float32)}}, {"test_accuracy": 0.5,
                                                                      "seconds": 0.0}
 
   monkeypatch.setattr(pretrain, "train_source", fake_train_source)
   cache = str(tmp_path / "cache")
-  variables, path = pretrain.get_or_build(pcfg, cache, log=lambda *_: None)
+  variables, path = pretrain.get_or_build(pcfg, cache)
   assert len(built) == 1
-  pretrain.get_or_build(pcfg, cache, log=lambda *_: None)
+  pretrain.get_or_build(pcfg, cache)
   assert len(built) == 1  # cached
   _zero_4k(_largest_file(os.path.join(path, "variables", "arrays")))
-  logs = []
-  again, _ = pretrain.get_or_build(pcfg, cache, log=logs.append)
+  caplog.set_level(logging.INFO, logger="tlresearch")
+  again, _ = pretrain.get_or_build(pcfg, cache)
+  logs = _logs(caplog)
   assert len(built) == 2
   assert any(m.startswith("warning:") and path in m and "rebuilding" in m for m in logs), logs
   np.testing.assert_array_equal(again["params"]["w"], variables["params"]["w"])

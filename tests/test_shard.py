@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from experiments import dropout_ablation, finetune_sweep
 from tlresearch import data as data_lib
-from tlresearch import grid, io, models, pretrain, run, selection
+from tlresearch import cell, grid, io, models, pretrain, run, selection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Byte for byte equal between one process and tasks + merge (timing.csv holds wall seconds).
@@ -26,7 +26,7 @@ def cache(tmp_path_factory):
   weights): what it has learned plays no part in how a grid is split and merged, and source
   training would only add its own compilations and epoch to this module's time.
   """
-  def untrained(pcfg, log=print, checkpointer=None):
+  def untrained(pcfg, checkpointer=None):
     variables = models.build(pcfg.model, 36).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     return jax.device_get(variables), {"test_accuracy": 0.0, "seconds": 0.0}
 
@@ -173,7 +173,7 @@ def test_two_tasks_and_merge_equal_one_process_with_selection(tmp_path, cache, m
 # --- a merge before every task has finished --------------------------------------------------
 
 def _finish_fake(cell_dir, cell):
-  """A cell folder as a finished run leaves it (only what grid.finished and selection read)."""
+  """A cell folder as a finished run leaves it (only what cell.finished and selection read)."""
   io.write_json(cell_dir / "config.json", {"cell_id": cell.id, "config": cell.config.to_dict()})
   io.write_json(cell_dir / "final.json", {"cell_id": cell.id, "status": "ok",
                                           "val_accuracy": 0.5})

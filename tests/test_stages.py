@@ -9,9 +9,7 @@ from flax import traverse_util
 
 from tlresearch import models, optim, penalty, strategies, train
 from tlresearch.strategies import Strategy
-from tests.conftest import tiny_model_cfg, tiny_train_cfg
-
-QUIET = dict(log=lambda *_: None)
+from tests.conftest import fit_one, tiny_model_cfg, tiny_train_cfg
 
 
 def _setup(classes=4):
@@ -26,8 +24,7 @@ def _flat(tree):
 
 
 def _fit(model, variables, strategy, dataset, cfg, **kw):
-  return train.fit(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0),
-                   **QUIET, **kw)
+  return fit_one(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0), **kw)
 
 
 def _no_es(**kw):
@@ -54,7 +51,7 @@ def test_l2_sp_keeps_the_backbone_near_pretrained_weights(dataset):
   dist = {}
   for spec in ("full", "l2_sp:alpha=5.0,beta=0.0"):
     out = _fit(model, variables, strategies.get(spec, model.groups), dataset, cfg)
-    before, after = _flat(variables["params"]), _flat(out["variables"]["params"])
+    before, after = _flat(variables["params"]), _flat(out.variables["params"])
     dist[spec] = sum(float(np.sum((after[p] - v) ** 2)) for p, v in before.items()
                      if p.endswith("kernel") and not p.startswith("head/"))
   assert 0 < dist["l2_sp:alpha=5.0,beta=0.0"] < 0.5 * dist["full"], dist
@@ -91,7 +88,7 @@ def test_lp_ft_second_stage_starts_from_the_probe_head(dataset):
   probe_end = snaps[("probe", 2)]
   assert [k[0] for k in sorted(snaps, key=lambda k: k[1])] == ["probe"] * 2 + ["fine_tune"] * 4
   start, probe_head, final = (_flat(variables["params"]), _flat(probe_end),
-                              _flat(out["variables"]["params"]))
+                              _flat(out.variables["params"]))
   assert not np.allclose(start["head/dense/kernel"], probe_head["head/dense/kernel"])
   for p, v in probe_head.items():
     np.testing.assert_allclose(final[p], v, atol=1e-5, err_msg=p)
@@ -117,19 +114,19 @@ def test_bn_stats_frozen_keeps_statistics_while_weights_learn(dataset):
   cfg = _no_es(bn_stats="frozen")
   out = _fit(model, variables, strategies.get("full", model.groups), dataset, cfg)
   for p, v in _flat(variables["batch_stats"]).items():
-    assert np.array_equal(v, _flat(out["variables"]["batch_stats"])[p]), p
+    assert np.array_equal(v, _flat(out.variables["batch_stats"])[p]), p
   assert not np.array_equal(_flat(variables["params"])["stem/conv/kernel"],
-                            _flat(out["variables"]["params"])["stem/conv/kernel"])
+                            _flat(out.variables["params"])["stem/conv/kernel"])
   out = _fit(model, variables, strategies.get("full", model.groups), dataset, _no_es())
   assert not np.array_equal(_flat(variables["batch_stats"])["stem/bn/mean"],
-                            _flat(out["variables"]["batch_stats"])["stem/bn/mean"])
+                            _flat(out.variables["batch_stats"])["stem/bn/mean"])
 
 
 def test_bitfit_moves_only_biases_and_head_and_has_no_state_elsewhere(dataset):
   model, variables = _setup()
   strategy = strategies.get("bitfit", model.groups)
   out = _fit(model, variables, strategy, dataset, _no_es(weight_decay=0.1))
-  before, after = _flat(variables["params"]), _flat(out["variables"]["params"])
+  before, after = _flat(variables["params"]), _flat(out.variables["params"])
   moved = {p for p in before if not np.array_equal(before[p], after[p])}
   assert moved and all(p.startswith("head/") or p.endswith("/bias") for p in moved)
   assert any(not p.startswith("head/") for p in moved)
@@ -145,6 +142,6 @@ def test_surgical_middle_group_caches_its_frozen_prefix(dataset):
   model, variables = _setup()
   out = _fit(model, variables, strategies.get("surgical:group=stage2", model.groups), dataset,
              _no_es(epochs=1))
-  assert out["cached_prefix"]
-  before, after = _flat(variables["params"]), _flat(out["variables"]["params"])
+  assert out.cached_prefix
+  before, after = _flat(variables["params"]), _flat(out.variables["params"])
   assert {p.split("/")[0] for p in before if not np.array_equal(before[p], after[p])} == {"stage2"}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch import models, optim, strategies, train
-from tests.conftest import make_dataset, tiny_model_cfg, tiny_train_cfg
+from tlresearch import models, optim, programs, strategies, train
+from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
 
 
 def _setup(spec, classes=4, **model_kw):
@@ -27,9 +27,8 @@ def _flat(tree):
 def test_frozen_params_and_batchnorm_stats_bit_identical(dataset, cache):
   model, variables, strategy = _setup("partial:k=1")
   cfg = tiny_train_cfg(weight_decay=0.1, cache_frozen_prefix=cache)
-  out = train.fit(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0),
-                  log=lambda *_: None)
-  before, after = _flat(variables), _flat(out["variables"])
+  out = fit_one(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0))
+  before, after = _flat(variables), _flat(out.variables)
   frozen = ("stem", "stage1", "stage2")
   changed_trainable = False
   for path, v in before.items():
@@ -39,27 +38,27 @@ def test_frozen_params_and_batchnorm_stats_bit_identical(dataset, cache):
     elif not np.array_equal(v, after[path]):
       changed_trainable = True
   assert changed_trainable, "nothing trainable changed: the test would pass vacuously"
-  assert out["cached_prefix"] is cache
+  assert out.cached_prefix is cache
 
 
 def test_cached_feature_probe_equals_the_uncached_probe(dataset):
   """A linear probe on features computed once trains exactly what running the frozen
   backbone every step trains: same accuracies, losses equal to float tolerance."""
   model, variables, strategy = _setup("linear_probe")
-  outs = [train.fit(model, variables, strategy, dataset,
+  outs = [fit_one(model, variables, strategy, dataset,
                     tiny_train_cfg(epochs=3, cache_frozen_prefix=cache),
-                    train.CellKeys.from_seed(0), log=lambda *_: None) for cache in (True, False)]
+                    train.CellKeys.from_seed(0)) for cache in (True, False)]
   cached, uncached = outs
-  assert cached["cached_prefix"] and not uncached["cached_prefix"]
+  assert cached.cached_prefix and not uncached.cached_prefix
   for key in ("train_accuracy", "val_accuracy"):
-    assert [r[key] for r in cached["history"]] == [r[key] for r in uncached["history"]]
+    assert [r[key] for r in cached.history] == [r[key] for r in uncached.history]
   for key in ("train_loss", "val_loss"):
-    np.testing.assert_allclose([r[key] for r in cached["history"]],
-                               [r[key] for r in uncached["history"]], rtol=1e-5)
-  assert cached["test"]["accuracy"] == uncached["test"]["accuracy"]
-  assert cached["val"]["accuracy"] == uncached["val"]["accuracy"]
-  np.testing.assert_array_equal(cached["test_predictions"], uncached["test_predictions"])
-  for a, b in zip(jax.tree.leaves(cached["variables"]), jax.tree.leaves(uncached["variables"])):
+    np.testing.assert_allclose([r[key] for r in cached.history],
+                               [r[key] for r in uncached.history], rtol=1e-5)
+  assert cached.test["accuracy"] == uncached.test["accuracy"]
+  assert cached.val["accuracy"] == uncached.val["accuracy"]
+  np.testing.assert_array_equal(cached.test_predictions, uncached.test_predictions)
+  for a, b in zip(jax.tree.leaves(cached.variables), jax.tree.leaves(uncached.variables)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -95,16 +94,16 @@ def _epoch_flops(spec, start="stem"):
   model, variables, strategy = _setup(spec)
   rules = strategy.stages[0].rules
   rule_by_path = strategies.resolve(rules, _flat(variables["params"]).keys())
-  step = train.StepSpec(
+  step = programs.StepSpec(
       model=model, rules=rules, optimizer="sgd", total_steps=4, warmup_steps=0,
       momentum=0.9, start=start,
       frozen_bn=strategies.frozen_groups(rule_by_path, model.groups), augment=None,
       batch_size=16, steps_per_epoch=1)
-  inputs = train.step_inputs(0.1, 1e-4)
-  state = train.init_state(step, variables, inputs)
+  inputs = programs.step_inputs(0.1, 1e-4)
+  state = programs.init_state(step, variables, inputs)
   x, y = jnp.zeros((16, 16, 16, 3), jnp.uint8), jnp.zeros((16,), jnp.int32)
   k = jax.random.key(0)
-  compiled = jax.jit(train._train_step_at, static_argnums=0).lower(
+  compiled = programs.train_step.lower(
       step, state, x, y, jnp.arange(16), k, k, inputs).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -131,15 +130,14 @@ def test_early_stopping_restores_best_epoch_weights():
   cfg.early_stopping.monitor = "val_loss"
   cfg.early_stopping.patience = 2
   snapshots = {}
-  out = train.fit(model, variables, strategy, ds, cfg, train.CellKeys.from_seed(0),
-                  log=lambda *_: None,
+  out = fit_one(model, variables, strategy, ds, cfg, train.CellKeys.from_seed(0),
                   on_epoch=lambda r, s: snapshots.__setitem__(r["epoch"],
                                                               jax.device_get(s.params)))
-  best, ran = out["best_epoch"], out["epochs_run"]
+  best, ran = out.best_epoch, out.epochs_run
   assert best < ran < 12, (best, ran)
-  losses = [h["val_loss"] for h in out["history"]]
+  losses = [h["val_loss"] for h in out.history]
   assert best == int(np.argmin(losses)) + 1
-  got = _flat(out["variables"]["params"])
+  got = _flat(out.variables["params"])
   for path, v in _flat(snapshots[best]).items():
     assert np.array_equal(got[path], v), path
   assert any(not np.array_equal(got[p], v) for p, v in _flat(snapshots[ran]).items())
@@ -148,8 +146,8 @@ def test_early_stopping_restores_best_epoch_weights():
 def test_same_seed_same_result_across_runs(dataset):
   model, variables, strategy = _setup("full")
   cfg = tiny_train_cfg(epochs=1)
-  run = lambda: train.fit(model, variables, strategy, dataset, cfg,
-                          train.CellKeys.from_seed(3), log=lambda *_: None)["history"]
+  run = lambda: fit_one(model, variables, strategy, dataset, cfg,
+                          train.CellKeys.from_seed(3)).history
   a, b = run(), run()
   strip = lambda hs: [{k: v for k, v in h.items() if k != "seconds"} for h in hs]
   assert strip(a) == strip(b)
@@ -168,23 +166,23 @@ def test_augmentation_changes_images_but_keeps_shape():
 def test_divergence_stops_training_and_is_reported(dataset):
   model, variables, strategy = _setup("full")
   cfg = tiny_train_cfg(epochs=5, lr=1e12, warmup_epochs=0.0)
-  out = train.fit(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0),
-                  log=lambda *_: None)
-  assert not np.isfinite(out["history"][-1]["train_loss"])
-  assert out["epochs_run"] < 5
-  assert any("non-finite training loss" in n for n in out["notes"])
+  out = fit_one(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0))
+  assert not np.isfinite(out.history[-1]["train_loss"])
+  assert out.epochs_run < 5
+  assert any("non-finite training loss" in n for n in out.notes)
 
 
-def test_learning_rate_and_weight_decay_share_one_compiled_step(dataset):
+def test_learning_rate_and_weight_decay_share_one_compiled_step():
+  dataset = make_dataset(n_train=40, seed=5)  # shapes no other test compiles for
   model, variables, strategy = _setup("full")
-  train.clear_compile_cache()
-  out = {}
+  out, compile_seconds = {}, {}
   for lr, wd in ((0.05, 5e-4), (0.2, 0.0)):
     cfg = tiny_train_cfg(epochs=1, lr=lr, weight_decay=wd)
-    out[lr] = train.fit(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0),
-                        log=lambda *_: None)
-  steps = [k for k in train._COMPILED if k[0] == "_train_step_at"]
-  assert len(steps) == 1
+    with programs.compile_clock() as clock:
+      out[lr] = fit_one(model, variables, strategy, dataset, cfg, train.CellKeys.from_seed(0))
+    compile_seconds[lr] = clock.seconds
+  # The second fit, at another lr and weight decay, compiles nothing at all.
+  assert compile_seconds[0.05] > 0 and compile_seconds[0.2] == 0
   # ... and the values still matter.
-  assert out[0.05]["history"][0]["train_loss"] != out[0.2]["history"][0]["train_loss"]
-  assert out[0.2]["history"][0]["lr"] > out[0.05]["history"][0]["lr"]
+  assert out[0.05].history[0]["train_loss"] != out[0.2].history[0]["train_loss"]
+  assert out[0.2].history[0]["lr"] > out[0.05].history[0]["lr"]

@@ -249,7 +249,7 @@ def _over_seeds(fn):
 
 _init_variables_jit = _jit(_init_variables)
 _init_opt_state_jit = _jit(_init_opt_state)
-_train_step_jit = _jit(_train_step)
+train_step = _jit(_train_step)
 _epoch_order_jit = _jit(_epoch_order)
 _forward_chunks_jit = _jit(_forward_chunks)
 _evaluate_jit = _jit(_evaluate)
@@ -281,8 +281,9 @@ def init_state(spec: StepSpec, variables, inputs: dict | None = None) -> TrainSt
   params = variables["params"]
   inputs = inputs if inputs is not None else step_inputs(0.0, 0.0)
   opt_state = _init_opt_state_jit(spec, params, inputs)
+  # Families without BatchNorm (VGG16) have no batch_stats collection.
   return parallel.replicate(TrainState(jnp.zeros((), jnp.int32), params,
-                                       variables["batch_stats"], opt_state), spec.mesh)
+                                       variables.get("batch_stats", {}), opt_state), spec.mesh)
 
 
 def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key, inputs):
@@ -299,7 +300,7 @@ def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key, in
   order = _epoch_order_jit(spec, y, order_key)
   losses, accs = [], []
   for i in range(spec.steps_per_epoch):
-    state, (loss, acc) = _train_step_jit(spec, state, x, y, order[i], dropout_key, aug_key,
+    state, (loss, acc) = train_step(spec, state, x, y, order[i], dropout_key, aug_key,
                                          inputs)
     losses.append(loss)
     accs.append(acc)
@@ -396,8 +397,8 @@ class Stacked:
   def init_state(self, spec, variables, inputs):
     params = variables["params"]
     opt_state = _seeds_init_opt_state(spec, params, inputs)
-    return TrainState(jnp.zeros((self.size,), jnp.int32), params, variables["batch_stats"],
-                      opt_state)
+    return TrainState(jnp.zeros((self.size,), jnp.int32), params,
+                      variables.get("batch_stats", {}), opt_state)
 
   def train_epoch(self, spec, state, x, y, order_keys, dropout_keys, aug_keys, inputs, active):
     order = jnp.swapaxes(_seeds_epoch_order(spec, y, order_keys), 0, 1)  # [steps, seeds, batch]

@@ -7,9 +7,7 @@ resolution stages (a stride-2 block starts a stage):
 - `stem`: Conv1 (3x3/2), BatchNorm, ReLU6, and block 0;
 - `stage1`: blocks 1-2 (24 channels at alpha 1); `stage2`: blocks 3-5 (32);
   `stage3`: blocks 6-12 (64, 96); `stage4`: blocks 13-16 (160, 320) and Conv_1 (1280);
-- `head`: `top="linear"` global average pooling, dropout, a new Dense; `top="keras"` Keras's
-  own (pooling, `predictions`); `top="none"` no head (Keras's `include_top=False`, with
-  `pooling`).
+- `head` unless `top="none"` (see `groups.KerasFamily`).
 
 `alpha` is Keras's width multiplier. BatchNorm: epsilon 1e-3, momentum 0.999, as Keras. A
 stride-2 depthwise convolution pads as Keras's `correct_pad` (one pixel more at the bottom
@@ -18,12 +16,11 @@ and right for even sizes) and the stem pads as TensorFlow's "same". Input: prepr
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
 import flax.linen as nn
 
-from tlresearch.models.heads import Head, pool
+from tlresearch.models.groups import KerasFamily
 
 # (expansion, filters, stride) of Keras's blocks 0..16.
 BLOCKS = ((1, 16, 1),
@@ -74,38 +71,14 @@ class InvertedResidual(nn.Module):
     return x
 
 
-class MobileNetV2(nn.Module):
-  num_classes: int
-  top: str = "linear"
+class MobileNetV2(KerasFamily):
   alpha: float = 1.0
-  pooling: str | None = None  # top="none" only: None (feature map), "avg" or "max"
-  dropout_rate: float = 0.0   # top="linear" only: dropout on the pooled features
-  classifier_activation: str | None = None  # None: logits (training); "softmax" as Keras
-  input_size: int = 224       # the size the data pipeline resizes images to
 
+  body: ClassVar[tuple[str, ...]] = tuple(GROUP_BLOCKS)
   preprocessing: ClassVar[str] = "tf"
 
-  @property
-  def groups(self) -> tuple[str, ...]:
-    return group_names(self.top)
-
-  @nn.compact
-  def __call__(self, x, train: bool = False, frozen_bn: Sequence[str] = (),
-               start: str = "stem", stop: str | None = None):
-    """Runs groups `start`..`stop` (inclusive, default: the last) on `x`, the input of `start`."""
-    groups = self.groups
-    first, last = groups.index(start), groups.index(stop or groups[-1])
-    for g in groups[first:last + 1]:
-      if g == "head":
-        keras = self.top == "keras"
-        x = Head(self.num_classes, 0.0 if keras else self.dropout_rate, "avg",
-                 "predictions" if keras else "dense", self.classifier_activation,
-                 name="head")(x, train)
-      else:
-        x = Stage(self.alpha, g, name=g)(x, (not train) or g in frozen_bn)
-    if self.top == "none" and groups[last] == groups[-1]:
-      x = pool(x, self.pooling)
-    return x
+  def group(self, g: str, x, use_running_average: bool):
+    return Stage(self.alpha, g, name=g)(x, use_running_average)
 
 
 class Stage(nn.Module):
@@ -129,6 +102,4 @@ class Stage(nn.Module):
     return x
 
 
-def group_names(top: str) -> tuple[str, ...]:
-  stages = tuple(GROUP_BLOCKS)
-  return stages if top == "none" else stages + ("head",)
+group_names = MobileNetV2.group_names

@@ -1,13 +1,8 @@
 """CIFAR-style ResNet in Flax Linen, with its parameters grouped by name.
 
-The top-level submodules are the model's *layer groups*, in input-to-output order:
-`stem, stage1, ..., stageS, head`. Strategies speak only in these names, so "freeze
-everything below stage3" or "lr x0.5 per group going down" is a one-liner for any depth.
-
-The model can run any contiguous slice of its groups (`start`/`stop`): a frozen prefix is
-then evaluated once and its output cached, and training runs only the rest
-(see `tlresearch.train`). BatchNorm takes its mode from `train` and from `frozen_bn`, the
-groups whose statistics must neither be used in batch mode nor updated.
+The top-level submodules are the model's *layer groups* (see `groups`), in input-to-output
+order: `stem, stage1, ..., stageS, head`, so "freeze everything below stage3" or "lr x0.5 per
+group going down" is a one-liner for any depth.
 
 The stem has stride 2 by default: on a 2-core CPU the backward pass of 3x3 convolutions at
 32x32 is ~10x slower per image than at 16x16 (measured: 190 vs 1,800 images/s for the
@@ -15,10 +10,10 @@ default network), and 32x32 glyphs lose nothing at 16x16 feature maps.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import flax.linen as nn
-import jax.numpy as jnp
+
+from tlresearch.models.groups import Grouped, numbered
+from tlresearch.models.heads import Head
 
 
 class BasicBlock(nn.Module):
@@ -69,22 +64,10 @@ class Stage(nn.Module):
     return x
 
 
-class Head(nn.Module):
-  """Global average pooling, dropout, and the linear classifier."""
-  num_classes: int
-  dropout_rate: float
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name="dense")(x)
-
-
-class ResNet(nn.Module):
+class ResNet(Grouped):
   """ResNet-(6n+2) for small images: `blocks_per_stage`=n, widths w, 2w, 4w, ...
 
-  Groups: `stem`, `stage1`..`stage{num_stages}`, `head`.
+  Groups: `stem`, `stage1`..`stage{num_stages}`, `head` (pooling, dropout, the classifier).
   """
   num_classes: int
   width: int = 16
@@ -97,24 +80,16 @@ class ResNet(nn.Module):
   def groups(self) -> tuple[str, ...]:
     return group_names(self.num_stages)
 
-  @nn.compact
-  def __call__(self, x, train: bool = False, frozen_bn: Sequence[str] = (),
-               start: str = "stem", stop: str = "head"):
-    """Runs groups `start`..`stop` (inclusive) on `x`, the input of group `start`."""
-    groups = self.groups
-    first, last = groups.index(start), groups.index(stop)
-    bn_static = lambda g: (not train) or g in frozen_bn
-    for g in groups[first:last + 1]:
-      if g == "stem":
-        x = Stem(self.width, self.stem_strides, name="stem")(x, bn_static(g))
-      elif g == "head":
-        x = Head(self.num_classes, self.dropout_rate, name="head")(x, train)
-      else:
-        i = int(g[len("stage"):]) - 1
-        x = Stage(self.width * 2 ** i, self.blocks_per_stage, 1 if i == 0 else 2,
-                  name=g)(x, bn_static(g))
-    return x
+  def group(self, g: str, x, use_running_average: bool):
+    if g == "stem":
+      return Stem(self.width, self.stem_strides, name="stem")(x, use_running_average)
+    i = int(g[len("stage"):]) - 1
+    return Stage(self.width * 2 ** i, self.blocks_per_stage, 1 if i == 0 else 2, name=g)(
+        x, use_running_average)
+
+  def head(self):
+    return Head(self.num_classes, self.dropout_rate, name="head")
 
 
 def group_names(num_stages: int) -> tuple[str, ...]:
-  return ("stem",) + tuple(f"stage{i + 1}" for i in range(num_stages)) + ("head",)
+  return ("stem",) + numbered("stage", num_stages) + ("head",)

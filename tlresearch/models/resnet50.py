@@ -2,12 +2,7 @@
 
 Groups, in input-to-output order: `stem` (7x7/2 convolution, BatchNorm, ReLU, 3x3/2 max
 pooling: Keras's conv1 and pool1), `stage1`..`stage4` (Keras's conv2..conv5: 3, 4, 6, 3
-bottleneck blocks), then `head`:
-
-- `top="linear"` (the transfer head): global average pooling, dropout, `Dense(num_classes)`;
-- `top="keras"`: Keras's own top (avg_pool, `predictions`), same shape as "linear";
-- `top="none"`: no head; the output is stage4's feature map, or pooled when `pooling` is
-  "avg" / "max" (Keras's `include_top=False`). Only for feature extraction and weight import.
+bottleneck blocks), then `head` unless `top="none"` (see `groups.KerasFamily`).
 
 As in Keras, the stride sits on the first 1x1 convolution of a stage's first block, every
 convolution has a bias, and BatchNorm uses epsilon 1.001e-5 and momentum 0.99. `width`
@@ -17,16 +12,14 @@ style: BGR, ImageNet mean subtracted).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tlresearch.models.heads import Head, pool
+from tlresearch.models.groups import KerasFamily, numbered
 
 STAGE_BLOCKS = (3, 4, 6, 3)
-TOPS = ("linear", "keras", "none")
 
 
 def _bn(use_running_average: bool, name: str):
@@ -81,45 +74,18 @@ class Stage(nn.Module):
     return x
 
 
-class ResNet50(nn.Module):
-  num_classes: int
-  top: str = "linear"
+class ResNet50(KerasFamily):
   width: int = 64
-  pooling: str | None = None  # top="none" only: None (feature map), "avg" or "max"
-  dropout_rate: float = 0.0   # top="linear" only: dropout on the pooled features
-  classifier_activation: str | None = None  # None: logits (training); "softmax" as Keras
-  input_size: int = 224       # the size the data pipeline resizes images to
 
+  body: ClassVar[tuple[str, ...]] = ("stem",) + numbered("stage", len(STAGE_BLOCKS))
   preprocessing: ClassVar[str] = "caffe"
 
-  @property
-  def groups(self) -> tuple[str, ...]:
-    return group_names(self.top)
-
-  @nn.compact
-  def __call__(self, x, train: bool = False, frozen_bn: Sequence[str] = (),
-               start: str = "stem", stop: str | None = None):
-    """Runs groups `start`..`stop` (inclusive, default: the last) on `x`, the input of `start`."""
-    groups = self.groups
-    first, last = groups.index(start), groups.index(stop or groups[-1])
-    bn_static = lambda g: (not train) or g in frozen_bn
-    for g in groups[first:last + 1]:
-      if g == "stem":
-        x = Stem(self.width, name="stem")(x, bn_static(g))
-      elif g == "head":
-        keras = self.top == "keras"
-        x = Head(self.num_classes, 0.0 if keras else self.dropout_rate, "avg",
-                 "predictions" if keras else "dense", self.classifier_activation,
-                 name="head")(x, train)
-      else:
-        i = int(g[len("stage"):]) - 1
-        x = Stage(self.width * 2 ** i, STAGE_BLOCKS[i], 1 if i == 0 else 2, name=g)(
-            x, bn_static(g))
-    if self.top == "none" and groups[last] == groups[-1]:
-      x = pool(x, self.pooling)
-    return x
+  def group(self, g: str, x, use_running_average: bool):
+    if g == "stem":
+      return Stem(self.width, name="stem")(x, use_running_average)
+    i = int(g[len("stage"):]) - 1
+    return Stage(self.width * 2 ** i, STAGE_BLOCKS[i], 1 if i == 0 else 2, name=g)(
+        x, use_running_average)
 
 
-def group_names(top: str) -> tuple[str, ...]:
-  stages = ("stem",) + tuple(f"stage{i + 1}" for i in range(len(STAGE_BLOCKS)))
-  return stages if top == "none" else stages + ("head",)
+group_names = ResNet50.group_names

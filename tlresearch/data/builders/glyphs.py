@@ -308,7 +308,7 @@ def _colours_and_background(b: int, rng):
   return glyph_colour, background
 
 
-def corrupt(images: np.ndarray, rng) -> np.ndarray:
+def corrupt_images(images: np.ndarray, rng) -> np.ndarray:
   """One of CORRUPTIONS per image, at high severity (images [B, S, S, 3] in [0, 1])."""
   b, s = images.shape[0], images.shape[1]
   kind = rng.integers(0, len(CORRUPTIONS), b)
@@ -351,7 +351,7 @@ def _render(bank, glyph: np.ndarray, corrupt: bool, rng) -> np.ndarray:
   colour, background = _colours_and_background(glyph.shape[0], rng)
   images = background + (colour[:, None, None, :] - background) * coverage
   if corrupt:
-    images = corrupt(images, rng)
+    images = corrupt_images(images, rng)
   return np.round(np.clip(images, 0, 1) * 255).astype(np.uint8)
 
 
