@@ -23,6 +23,21 @@ def model(**overrides) -> ml_collections.ConfigDict:
   return m
 
 
+def keras_model(**overrides) -> ml_collections.ConfigDict:
+  """A Keras-application backbone (tlresearch.models.KERAS_FAMILIES) with its weights."""
+  m = ml_collections.ConfigDict()
+  m.family = "vgg16"           # vgg16 | resnet50 | mobilenet_v2 (Keras applications, layer for layer)
+  m.pretrained = "keras:imagenet"  # keras:imagenet (Keras's loader and cache) | keras:PATH.h5
+  m.top = "linear"             # linear: pooled features -> new Dense; keras: Keras's fc1, fc2
+  #                              (pretrained, group "fc") -> new predictions (needs 224 px)
+  m.input_size = 224           # images are resized to this (ImageNet size; >= 32)
+  m.width = 64                 # vgg16/resnet50 channel width; 64 is the real network (Keras weights)
+  m.alpha = 1.0                # mobilenet_v2 width multiplier (ImageNet weights: 0.35 .. 1.4)
+  m.dropout_rate = 0.0         # dropout on the pooled features, before the classifier (linear top)
+  m.update(overrides)
+  return m
+
+
 def train(**overrides) -> ml_collections.ConfigDict:
   t = ml_collections.ConfigDict()
   t.epochs = 12                # epoch budget (the schedule is laid out over all of it)

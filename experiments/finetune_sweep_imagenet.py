@@ -25,23 +25,10 @@ from experiments import _common
 from experiments.finetune_sweep import STRATEGIES
 
 
-def model() -> ml_collections.ConfigDict:
-  m = ml_collections.ConfigDict()
-  m.family = "vgg16"           # vgg16 | resnet50 | mobilenet_v2 (Keras applications, layer for layer)
-  m.pretrained = "keras:imagenet"  # keras:imagenet (Keras's loader and cache) | keras:PATH.h5
-  m.top = "linear"             # linear: pooled features -> new Dense; keras: Keras's fc1, fc2
-  #                              (pretrained, group "fc") -> new predictions (needs 224 px)
-  m.input_size = 224           # images are resized to this (ImageNet size; >= 32)
-  m.width = 64                 # vgg16/resnet50 channel width; 64 is the real network (Keras weights)
-  m.alpha = 1.0                # mobilenet_v2 width multiplier (ImageNet weights: 0.35 .. 1.4)
-  m.dropout_rate = 0.0         # dropout on the pooled features, before the classifier (linear top)
-  return m
-
-
 def get_config() -> ml_collections.ConfigDict:
   c = _common.sweep(targets=["tfds:oxford_flowers102"], seeds=[0, 1, 2], k_shot=0,
                     target="tfds:oxford_flowers102")
-  c.model = model()            # the backbone and its weights
+  c.model = _common.keras_model()  # VGG16 with Keras's ImageNet weights
   # VGG16 has no BatchNorm: a smaller rate than the small ResNet's, 32 images a step.
   c.train = _common.train(epochs=20, batch_size=32, lr=0.01)
   c.train.augment.horizontal_flip = True  # flowers (unlike glyphs) are mirror-symmetric

@@ -81,13 +81,13 @@ def groups_of(model_cfg) -> tuple[str, ...]:
   if model_cfg.family == "resnet":
     return group_names(model_cfg.num_stages)
   if model_cfg.family in KERAS_FAMILIES:
-    return KERAS_FAMILIES[model_cfg.family].group_names(model_cfg.get("top", "linear"))
+    return KERAS_FAMILIES[model_cfg.family].group_names(model_cfg.top)
   raise UserError(f"unknown model.family '{model_cfg.family}'; valid: {choices(FAMILIES)}")
 
 
 def input_size(model_cfg) -> int | None:
   """The image size the data pipeline resizes to; None keeps the dataset's own size."""
-  size = model_cfg.get("input_size")
+  size = model_cfg.input_size
   return int(size) if size else None
 
 
@@ -96,17 +96,17 @@ def pretrained_key(model_cfg) -> str | None:
   source pretraining (`model.pretrained` empty or absent; the small ResNet only).
 
   `model.pretrained` is 'keras:imagenet' or 'keras:PATH' (see models/keras_import.py)."""
-  source = model_cfg.get("pretrained", "") or ""
+  source = model_cfg.pretrained
   family = model_cfg.family
   if family in KERAS_FAMILIES:
     if not source.startswith("keras:") or source == "keras:":
       raise UserError(f"model.pretrained must be keras:imagenet or keras:PATH for {family}, "
                       f"got '{source}'")
-    if family != "mobilenet_v2" and int(model_cfg.get("width", 64)) != 64:
+    if family != "mobilenet_v2" and int(model_cfg.width) != 64:
       raise UserError(f"model.width must be 64 to load Keras weights into {family}, got "
                       f"{model_cfg.width}")
-    return (f"{family}/top={model_cfg.get('top', 'linear')}/size={input_size(model_cfg)}"
-            f"/alpha={model_cfg.get('alpha', 1.0)}/{source}")
+    return (f"{family}/top={model_cfg.top}/size={input_size(model_cfg)}"
+            f"/alpha={model_cfg.alpha}/{source}")
   if source:
     raise UserError(f"model.pretrained='{source}' is not available for model.family "
                     f"'{family}'; valid: '' (source pretraining); keras:... needs family "
@@ -118,17 +118,17 @@ def check_pretrained(model_cfg) -> None:
   """UserError now (not after other cells trained) if the external weights can't be had."""
   if pretrained_key(model_cfg) is not None:
     from tlresearch.models import keras_import
-    keras_import.check_source(model_cfg.family, model_cfg.get("top") == "keras",
+    keras_import.check_source(model_cfg.family, model_cfg.top == "keras",
                               model_cfg.pretrained, input_size(model_cfg) or 224,
-                              float(model_cfg.get("alpha", 1.0)))
+                              float(model_cfg.alpha))
 
 
-def load_pretrained(model_cfg, log=print) -> dict:
+def load_pretrained(model_cfg) -> dict:
   """The external weights `model_cfg.pretrained` names, as variables of its family."""
   from tlresearch.models import keras_import
-  return keras_import.load_source(model_cfg.family, model_cfg.get("top") == "keras",
+  return keras_import.load_source(model_cfg.family, model_cfg.top == "keras",
                                   model_cfg.pretrained, input_size(model_cfg) or 224,
-                                  float(model_cfg.get("alpha", 1.0)), log)
+                                  float(model_cfg.alpha))
 
 
 def from_keras(keras_model):

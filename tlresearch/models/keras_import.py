@@ -17,6 +17,7 @@ batch. Keras is imported only here, and only when these functions run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -36,6 +37,8 @@ ORIGIN_DIRS = {"vgg16": "vgg16/", "resnet50": "resnet/", "mobilenet_v2": "mobile
 # Input sizes Keras has MobileNetV2 ImageNet weights for; other sizes load the 224 ones.
 MOBILENET_V2_SIZES = (96, 128, 160, 192, 224)
 ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)  # MobileNetV2 widths with ImageNet weights
+
+log = logging.getLogger(__name__)
 
 
 def weight_file(family: str, include_top: bool, input_size: int = 224, alpha: float = 1.0) -> str:
@@ -129,12 +132,12 @@ def keras_application(family: str, include_top: bool, weights, input_size: int,
 
 
 def load_source(family: str, include_top: bool, source: str, input_size: int,
-                alpha: float = 1.0, log=print) -> dict:
+                alpha: float = 1.0) -> dict:
   """Variables of `family` from 'keras:imagenet' or 'keras:PATH' (checked first)."""
   check_source(family, include_top, source, input_size, alpha)
   what = source[len("keras:"):]
   weights = "imagenet" if what == "imagenet" else os.path.expanduser(what)
-  log(f"loading {family} weights from {source} through Keras")
+  log.info("loading %s weights from %s through Keras", family, source)
   try:
     keras_model = keras_application(family, include_top, weights, input_size, alpha=alpha)
   except Exception as e:  # noqa: BLE001 - a failed download or a file of another model
