@@ -128,6 +128,7 @@ def runs(tmp_path_factory):
   return reference, facts, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["full", "partial"])
 def test_data_parallel_fit_matches_one_device(runs, name):
   reference, facts, params = runs
@@ -157,6 +158,7 @@ def test_the_step_really_runs_split_over_the_devices(runs, name):
                   "per_device_batch": CASES[name]["batch_size"] // DEVICES, "all_reduce": True}
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_the_devices_uses_the_largest_divisor(runs):
   facts = runs[1]["fallback"]
   assert facts["step"]["devices"] == 3 and facts["step"]["per_device_batch"] == 2

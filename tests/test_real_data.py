@@ -128,6 +128,7 @@ def _folder_sweep_config(root):
   return c
 
 
+@pytest.mark.slow
 def test_tiny_sweep_on_an_image_folder(tmp_path):
   root = _image_folder(tmp_path / "imgs")
   config = _folder_sweep_config(root)
@@ -148,6 +149,7 @@ def test_tiny_sweep_on_an_image_folder(tmp_path):
   assert "linear_probe" in table and "full" in table
 
 
+@pytest.mark.slow
 def test_tiny_sweep_on_tfds_cifar10_with_keras_vgg16(tmp_path):
   keras = pytest.importorskip("keras")
   weights = str(tmp_path / "vgg16_notop.weights.h5")

@@ -131,8 +131,9 @@ def _same_result(a, b):
 
 # Multi-stage strategies resume inside their second stage (lp_ft: 3 probe + 3 full epochs;
 # gradual_unfreeze: one group per epoch); l2_sp needs its anchor (the starting weights) back.
-@pytest.mark.parametrize("spec, stop_after", [("full", 3), ("lp_ft", 5), ("gradual_unfreeze", 4),
-                                              ("l2_sp", 3)])
+@pytest.mark.parametrize("spec, stop_after", [
+    ("full", 3), ("lp_ft", 5), pytest.param("gradual_unfreeze", 4, marks=pytest.mark.slow),
+    ("l2_sp", 3)])
 def test_fit_interrupted_mid_run_resumes_bitwise(dataset, tmp_path, spec, stop_after, caplog):
   uninterrupted = _fit(dataset, None, spec=spec)
 
