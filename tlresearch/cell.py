@@ -26,11 +26,9 @@ log = logging.getLogger(__name__)
 # Not listed, so never part of a cell's identity: how it runs (checkpoint, train.seeds_mode,
 # train.data_parallel), where caches live (cache_dir), the grid and report blocks.
 IDENTITY_VERSION = 2
-TRAIN_FIELDS = tuple(f"train.{k}" for k in (
-    "epochs", "batch_size", "optimizer", "lr", "warmup_epochs", "weight_decay", "momentum",
-    "cache_frozen_prefix", "min_steps", "bn_stats", "augment", "early_stopping"))
 IDENTITY_FIELDS = ("target", "seed", "k_shot", "class_subset", "data_dir", "data", "strategy",
-                   "pretrained_head", "probes", "model") + TRAIN_FIELDS
+                   "pretrained_head", "probes", "model") + tuple(
+                       f"train.{k}" for k in train.IDENTITY_FIELDS)
 
 
 def identity(config) -> dict:

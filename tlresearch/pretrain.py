@@ -25,9 +25,7 @@ ARCH_FIELDS = ("family", "width", "blocks_per_stage", "num_stages", "stem_stride
 # code change alters what they produce.
 IDENTITY_VERSION = 2
 IDENTITY_FIELDS = ("dataset", "class_subset", "data_dir", "seed", "model") + tuple(
-    f"train.{k}" for k in ("epochs", "batch_size", "optimizer", "lr", "warmup_epochs",
-                           "weight_decay", "momentum", "cache_frozen_prefix", "min_steps",
-                           "bn_stats", "augment", "early_stopping"))
+    f"train.{k}" for k in train.IDENTITY_FIELDS)
 
 
 def default_cache_dir() -> str:

@@ -31,6 +31,11 @@ SEEDS_MODES = ("auto", "vmap", "loop")
 SPLITS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 BN_STATS = ("update", "frozen")
 MONITORS = ("val_accuracy", "val_loss")
+# The keys of a `train` config that decide a run's result (cell and pretrained-backbone
+# identities list them); the others (seeds_mode, data_parallel) only decide how it runs.
+IDENTITY_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "warmup_epochs", "weight_decay",
+                   "momentum", "cache_frozen_prefix", "min_steps", "bn_stats", "augment",
+                   "early_stopping")
 
 
 def check(cfg) -> None:
