@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from experiments import dropout_ablation, finetune_sweep
 from tlresearch import data as data_lib
-from tlresearch import cell, grid, io, models, pretrain, run, selection
+from tlresearch import grid, io, models, pretrain, run, selection
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Byte for byte equal between one process and tasks + merge (timing.csv holds wall seconds).

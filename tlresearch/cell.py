@@ -153,16 +153,7 @@ def run(cells, cell_dirs, pretrained: dict | None) -> list[dict]:
     keys = [train.CellKeys.from_seed(cfg.seed) for cfg in cfgs]
     starts = [_start_variables(cfg, model, strategy, k, ds, pretrained)
               for cfg, k, ds in zip(cfgs, keys, datas)]
-    ckpt_policy = cfgs[0].checkpoint
-    checkpointer = None
-    if ckpt_policy.enabled:
-      def checkpointer(indices):
-        # Seeds trained together save one checkpoint, in the first one's folder.
-        name = "-".join(fingerprint(cfgs[i]) for i in indices)
-        return checkpoint.FitCheckpointer(
-            os.path.join(cell_dirs[indices[0]], "checkpoints"),
-            hashlib.sha256(name.encode()).hexdigest(), every_epochs=ckpt_policy.every_epochs,
-            min_seconds=ckpt_policy.min_seconds, keep=ckpt_policy.keep)
+    checkpointer = _checkpointer(cfgs, cell_dirs) if cfgs[0].checkpoint.enabled else None
     results = train.fit(model, starts, strategy, datas, cfgs[0].train, keys,
                         checkpointer=checkpointer)
     finals = [final_record(c, ds, rep, model, strategy, v, r)
@@ -176,6 +167,21 @@ def run(cells, cell_dirs, pretrained: dict | None) -> list[dict]:
   for cell_dir in cell_dirs:  # final.json is each cell's record from now on
     checkpoint.Rolling(os.path.join(cell_dir, "checkpoints")).clear()
   return finals
+
+
+def _checkpointer(cfgs, cell_dirs):
+  """seed indices -> the FitCheckpointer of the seeds that train together: seeds trained
+  together save one checkpoint, in the first one's folder."""
+  policy = cfgs[0].checkpoint
+
+  def for_seeds(indices):
+    name = "-".join(fingerprint(cfgs[i]) for i in indices)
+    return checkpoint.FitCheckpointer(
+        os.path.join(cell_dirs[indices[0]], "checkpoints"),
+        hashlib.sha256(name.encode()).hexdigest(), every_epochs=policy.every_epochs,
+        min_seconds=policy.min_seconds, keep=policy.keep)
+
+  return for_seeds
 
 
 def _start_variables(cfg, model, strategy, keys, ds, pretrained):

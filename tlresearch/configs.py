@@ -39,14 +39,6 @@ def set_path(cfg, dotted: str, value) -> None:
     raise UserError(f"value {value!r} for '{dotted}' has the wrong type ({e})") from None
 
 
-def copy(cfg, lock: bool = True) -> ml_collections.ConfigDict:
-  """An independent copy (locked: no new keys, typos fail)."""
-  out = ml_collections.ConfigDict(cfg.to_dict())
-  if lock:
-    out.lock()
-  return out
-
-
 def _plain(value):
   return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
 

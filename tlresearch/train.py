@@ -259,11 +259,12 @@ class _Fit:
     self.steps = -(-self.n // min(int(cfg.batch_size), self.n))
     es = cfg.early_stopping
     self.es, self.sign = es, (1.0 if es.monitor == "val_accuracy" else -1.0)
+    self.augmenting = AugmentSpec.from_config(cfg.augment) is not None
     self.epochs_done = 0
 
   def run(self, starts, resume) -> list[FitResult]:
     t_start = time.perf_counter()
-    lanes, groups = self.lanes, self.model.groups
+    lanes = self.lanes
     if resume is not None:
       log.info("resuming from %s (%d epochs done)", resume["path"], resume["epochs_done"])
       self.seeds = [_Seed.from_progress(m) for m in resume["seeds"]]
@@ -282,7 +283,7 @@ class _Fit:
       spec, stage_inputs = stage_spec(self.model, stage, variables, self.cfg, self.n, n_epochs,
                                       mesh=lanes.mesh)
       inputs = lanes.per_seed_inputs(stage_inputs)
-      if AugmentSpec.from_config(self.cfg.augment) is not None and spec.frozen_prefix:
+      if self.augmenting and spec.frozen_prefix:
         for s in live:
           self.seeds[s].note(f"frozen prefix ({', '.join(spec.frozen_prefix)}) not cached: "
                              "augmentation is on")
