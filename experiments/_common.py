@@ -48,6 +48,9 @@ def train(**overrides) -> ml_collections.ConfigDict:
   t.weight_decay = 5e-4        # on kernels of trainable groups only
   t.momentum = 0.9             # sgd only
   t.cache_frozen_prefix = True  # run a frozen prefix once per split instead of every step
+  t.probe_solver = "lbfgs"     # a head trained alone on cached features: lbfgs solves it to
+  #                              convergence with its L2 chosen on validation (the literature's
+  #                              probe; tlresearch.probe); sgd trains it like any other stage
   t.min_steps = 0              # raise the epoch budget to at least this many optimizer steps
   t.data_parallel = True       # split each batch over all local devices (fewer if the batch
   #                              does not divide by their number); False: one device. Only
@@ -127,6 +130,8 @@ def selection(enabled: bool = True) -> ml_collections.ConfigDict:
   s.weight_decay = [5e-4]      # candidate weight decays
   s.seeds = [100]              # selection seeds, apart from the final ones (no reuse of a
   #                              final seed's data subset for the choice)
+  s.widen = 2                  # a winner at the edge of the lr grid adds one more lr past that
+  #                              edge, at most this many times (tlresearch.selection)
   return s
 
 

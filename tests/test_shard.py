@@ -69,7 +69,7 @@ def _configurations(cells):
 
 
 def _without_selection_keys(axes):
-  return {k: v for k, v in axes.items() if k not in dict(selection.KEYS).values()}
+  return {k: v for k, v in axes.items() if k not in (selection.LR, selection.WD)}
 
 
 @pytest.mark.parametrize("num_tasks", [1, 2, 3, 5, 7, 30])
@@ -94,12 +94,12 @@ def test_every_cell_in_exactly_one_task_and_configurations_whole(num_tasks):
 def test_selection_cells_go_with_their_configuration():
   config = dropout_ablation.get_config()  # selection on: 16 configurations
   cells = grid.expand(config)
-  sel_cells = selection.expand(config, cells)
+  sel_cells = selection.first_round(config, cells)
   assert sel_cells
   owner = {}
   for i in range(3):
     mine = grid.shard(cells, i, 3)
-    for c in selection.expand(config, mine):
+    for c in selection.first_round(config, mine):
       assert c.id not in owner
       owner[c.id] = i
       assert grid.configuration(_without_selection_keys(c.axes)) in _configurations(mine)
@@ -153,7 +153,8 @@ def _without_command(findings_md: str) -> str:
 def test_two_tasks_and_merge_equal_one_process_with_selection(tmp_path, cache, monkeypatch,
                                                               capsys):
   extra = ("--config.grid=[{'strategy': ['linear_probe', 'full']}]",
-           "--config.selection.lr=[0.01, 0.1]", "--config.selection.weight_decay=[0.0]")
+           "--config.selection.lr=[0.01, 0.1]", "--config.selection.weight_decay=[0.0]",
+           "--config.train.probe_solver=sgd")  # the SGD probe has an lr to select
   args = lambda tag, *more: _args(tmp_path, cache, "dropout_ablation", tag, *extra, *more)
   assert _main(args("single")) == 0
   for i in range(2):
@@ -181,8 +182,10 @@ def _finish_fake(cell_dir, cell):
 
 def test_merge_with_a_task_unfinished_fails_and_leaves_results_untouched(tmp_path, cache,
                                                                          monkeypatch, capsys):
+  # The SGD probe has an lr, so both configurations run selection cells.
   extra = ["--config.grid=[{'strategy': ['linear_probe', 'full']}]",
-           "--config.selection.lr=[0.01, 0.1]", "--config.selection.weight_decay=[0.0]"]
+           "--config.selection.lr=[0.01, 0.1]", "--config.selection.weight_decay=[0.0]",
+           "--config.train.probe_solver=sgd"]
   argv = _args(tmp_path, cache, "dropout_ablation", "shard", *extra)
   config = dropout_ablation.get_config()
   for a in argv:
@@ -190,7 +193,7 @@ def test_merge_with_a_task_unfinished_fails_and_leaves_results_untouched(tmp_pat
       run.apply_override(config, *a[len("--config."):].split("=", 1))
   cells = grid.expand(config)
   # Task 0 of 2 finished its selection cells, and nothing else.
-  for c in selection.expand(config, grid.shard(cells, 0, 2)):
+  for c in selection.first_round(config, grid.shard(cells, 0, 2)):
     _finish_fake(tmp_path / "work-shard" / "selection" / c.id, c)
   old = _folder(tmp_path, "shard", "dropout_ablation")
   old.mkdir(parents=True)
@@ -201,8 +204,8 @@ def test_merge_with_a_task_unfinished_fails_and_leaves_results_untouched(tmp_pat
     run.cli()
   err = capsys.readouterr().err
   assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
-  # Task 1's two selection cells, and both configurations' final cells.
-  assert err.startswith("error: cannot merge: 4 of 6 cells are not finished in "), err
+  # Task 1's two selection cells (the merge stops at the first round it cannot read).
+  assert err.startswith("error: cannot merge: 2 of 4 cells are not finished in "), err
   assert "(selection/" in err and "the tasks that run them must finish first" in err
   assert os.listdir(old) == ["table.md"] and (old / "table.md").read_text() == (
       "the previous tables\n")

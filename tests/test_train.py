@@ -42,11 +42,11 @@ def test_frozen_params_and_batchnorm_stats_bit_identical(dataset, cache):
 
 
 def test_cached_feature_probe_equals_the_uncached_probe(dataset):
-  """A linear probe on features computed once trains exactly what running the frozen
+  """An SGD linear probe on features computed once trains exactly what running the frozen
   backbone every step trains: same accuracies, losses equal to float tolerance."""
   model, variables, strategy = _setup("linear_probe")
   outs = [fit_one(model, variables, strategy, dataset,
-                    tiny_train_cfg(epochs=3, cache_frozen_prefix=cache),
+                    tiny_train_cfg(epochs=3, cache_frozen_prefix=cache, probe_solver="sgd"),
                     train.CellKeys.from_seed(0)) for cache in (True, False)]
   cached, uncached = outs
   assert cached.cached_prefix and not uncached.cached_prefix

@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 # The fields that decide a cell's result; bump the version when their meaning changes.
 # Not listed, so never part of a cell's identity: how it runs (checkpoint, train.seeds_mode,
 # train.data_parallel), where caches live (cache_dir), the grid and report blocks.
-IDENTITY_VERSION = 2
+IDENTITY_VERSION = 3
+# train.probe_solver decides a fine-tuned cell's result, not a pretrained backbone's (which
+# shares train.IDENTITY_FIELDS), so it is listed here only.
 IDENTITY_FIELDS = ("target", "seed", "k_shot", "class_subset", "data_dir", "data", "strategy",
-                   "pretrained_head", "probes", "model") + tuple(
+                   "pretrained_head", "probes", "model", "train.probe_solver") + tuple(
                        f"train.{k}" for k in train.IDENTITY_FIELDS)
 
 
@@ -209,6 +211,10 @@ def final_record(cell, ds, data_report, model, strategy, variables,
           ds.test_y, pred, labels=labels, target_names=list(ds.class_names), output_dict=True,
           zero_division=0),
       "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+      # The best validation score came in the last epoch an optimizer trained: the budget,
+      # not the strategy, may have stopped it (flagged in the tables).
+      "budget_limited": bool(result.history and result.best_epoch == result.epochs_run
+                             and result.history[-1].get("solver") != "lbfgs"),
       "trainable_params": trainable_params(variables, strategy),
       "total_params": optim.count(variables["params"]),
       "train_examples": int(len(ds.train_x)), "cached_prefix": result.cached_prefix,
@@ -216,5 +222,7 @@ def final_record(cell, ds, data_report, model, strategy, variables,
       # The selection protocol (tlresearch.selection) reads only this validation score.
       "val_accuracy": result.val["accuracy"],
       "hparams": {"train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay},
+      # The converged probe's solve (chosen l2, gradient norm, the whole path), if any.
+      "probe": result.probe,
       **probes.measure(tuple(cfg.probes), model, variables, result.variables, ds),
   }

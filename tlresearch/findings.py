@@ -5,17 +5,18 @@ paper's claim in one sentence plus a `check(results) -> Verdict` rule built from
 below, so `findings.md` says "reproduced" only while the numbers on disk say so, and a rerun
 with different numbers rewrites the verdict.
 
-Rules (paired by seed, 95% percentile-bootstrap CI of the mean difference):
-- `better(a, b)`: a beats b. Reproduced when the CI lies above 0; partly when the mean
-  difference is positive but the CI reaches 0 (the direction holds, the evidence is weak);
-  not reproduced otherwise.
-- `not_worse(a, b, margin)`: a is at most `margin` below b (non-inferiority). Reproduced when
-  the CI's lower end is above -margin; partly when the mean is; not reproduced otherwise.
-- `combine`: a claim made of several comparisons is reproduced when all are, not reproduced
-  when none is at least partly, and partly otherwise.
+Rules (paired by seed; tlresearch.stats: the 95% Student-t interval of the mean difference
+and the two-sided paired t-test, whose coverage at 5 seeds is measured in tests/test_stats.py):
+- `better(a, b)`: a beats b. Reproduced when the difference is significant (p < 0.05, i.e.
+  the 95% t interval lies above 0); partly when the mean difference is positive but not
+  significant (the direction holds, the evidence is weak); not reproduced otherwise.
+- `not_worse(a, b, margin)`: a is at most `margin` below b (non-inferiority): the same test
+  against a difference of -margin (reproduced when the interval's lower end is above -margin).
+- `combine`: a claim decided by several comparisons adjusts their p-values for multiplicity
+  (Holm-Bonferroni over every comparison of the claim) before deciding each; the claim is
+  reproduced when all are, not reproduced when none is at least partly, and partly otherwise.
 Missing configurations (e.g. a run with fewer targets), or fewer than MIN_SEEDS paired seeds,
-give "inconclusive", not a guess: with 1-4 seeds a bootstrap interval is far too narrow
-(tlresearch.stats.bootstrap_ci) to call anything reproduced.
+give "inconclusive", not a guess.
 """
 from __future__ import annotations
 
@@ -28,12 +29,62 @@ from tlresearch import io, report, stats
 REPRODUCED, PARTLY, NOT, INCONCLUSIVE = ("reproduced", "partly reproduced", "not reproduced",
                                          "inconclusive")
 MIN_SEEDS = 5  # paired seeds a comparison needs before it gets a verdict
+ALPHA = 0.05   # family-wise error rate of a claim's comparisons (Holm-adjusted)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """One paired comparison of a claim: its text, and what decides it. `mean` is the
+  difference minus the claim's bound (0, or -margin), so > 0 supports the claim; `p` tests
+  it against 0."""
+  text: str
+  n: int = 0
+  mean: float = float("nan")
+  p: float = float("nan")
+
+  @property
+  def decidable(self) -> bool:
+    return self.n >= MIN_SEEDS and math.isfinite(self.mean) and math.isfinite(self.p)
 
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
   status: str
   evidence: tuple[str, ...]
+  comparisons: tuple[Comparison, ...] = ()
+
+
+def decide(comparisons, note: str = "") -> Verdict:
+  """The verdict of a claim made of `comparisons`, Holm-adjusted over the decidable ones."""
+  comparisons = tuple(comparisons)
+  decidable = [c for c in comparisons if c.decidable]
+  adjusted = dict(zip(map(id, decidable), stats.holm([c.p for c in decidable])))
+  m = len(decidable)
+  statuses, evidence = [], []
+  for c in comparisons:
+    if not c.decidable:
+      statuses.append(INCONCLUSIVE)
+      evidence.append(c.text + (f" (fewer than {MIN_SEEDS} seeds)" if 0 < c.n < MIN_SEEDS
+                                else ""))
+      continue
+    p = adjusted[id(c)]
+    statuses.append(REPRODUCED if c.mean > 0 and p < ALPHA else PARTLY if c.mean > 0 else NOT)
+    evidence.append(c.text + (f", p = {p:.2g}" if m == 1 else
+                              f", Holm-adjusted p = {p:.2g} ({m} comparisons)"))
+  return Verdict(_aggregate(statuses), tuple(evidence) + ((note,) if note else ()), comparisons)
+
+
+def _aggregate(statuses) -> str:
+  known = [s for s in statuses if s != INCONCLUSIVE]
+  if not known:
+    return INCONCLUSIVE
+  if len(known) < len(statuses):
+    return PARTLY if any(s != NOT for s in known) else INCONCLUSIVE
+  if all(s == REPRODUCED for s in known):
+    return REPRODUCED
+  if all(s == NOT for s in known):
+    return NOT
+  return PARTLY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,64 +143,52 @@ def _paired_text(p: stats.Paired, a_label, b_label, metric) -> str:
           f"P(improvement) = {p.p_improvement:.2f}, n = {p.n}")
 
 
+def difference(va: dict, vb: dict) -> dict:
+  """{seed: va - vb} over common seeds: e.g. a gap between two strategies, per seed."""
+  return {s: va[s] - vb[s] for s in sorted(set(va) & set(vb))}
+
+
+def compare(va: dict, vb: dict, a_label: str, b_label: str, metric: str = "test_accuracy",
+            margin: float = 0.0) -> Comparison:
+  """The paired comparison "a >= b - margin" of per-seed values ({seed: value})."""
+  seeds = sorted(set(va) & set(vb))
+  p = stats.paired([va[s] for s in seeds], [vb[s] for s in seeds], null=-margin) if seeds else None
+  if p is None or math.isnan(p.mean):
+    return Comparison(f"{a_label} vs {b_label}: no paired seeds")
+  text = _paired_text(p, a_label, b_label, metric)
+  if margin:
+    m = report.metric_of(metric)
+    text += f" (margin {m.fmt(margin)}{m.diff_unit})"
+  return Comparison(text, p.n, p.mean + margin, p.p_value)
+
+
 def better(r: Results, a: dict, b: dict, a_label: str, b_label: str,
            metric: str = "test_accuracy") -> Verdict:
   """a > b, paired by seed (see the module docstring)."""
   return better_values(r.values(a, metric), r.values(b, metric), a_label, b_label, metric)
 
 
-def difference(va: dict, vb: dict) -> dict:
-  """{seed: va - vb} over common seeds: e.g. a gap between two strategies, per seed."""
-  return {s: va[s] - vb[s] for s in sorted(set(va) & set(vb))}
-
-
 def better_values(va: dict, vb: dict, a_label: str, b_label: str,
                   metric: str = "test_accuracy") -> Verdict:
   """`better` on per-seed values ({seed: value}), e.g. gaps made by `difference`."""
-  seeds = sorted(set(va) & set(vb))
-  p = stats.paired([va[s] for s in seeds], [vb[s] for s in seeds]) if seeds else None
-  if p is None or math.isnan(p.mean):
-    return Verdict(INCONCLUSIVE, (f"{a_label} vs {b_label}: no paired seeds",))
-  text = _paired_text(p, a_label, b_label, metric)
-  if p.n < MIN_SEEDS:
-    return Verdict(INCONCLUSIVE, (text + f" (fewer than {MIN_SEEDS} seeds)",))
-  if p.lo > 0:
-    return Verdict(REPRODUCED, (text,))
-  return Verdict(PARTLY if p.mean > 0 else NOT, (text,))
+  return decide([compare(va, vb, a_label, b_label, metric)])
 
 
 def not_worse(r: Results, a: dict, b: dict, a_label: str, b_label: str, margin: float,
               metric: str = "test_accuracy") -> Verdict:
   """a >= b - margin, paired by seed (non-inferiority)."""
-  p = r.paired(a, b, metric)
-  if p is None or math.isnan(p.mean):
-    return Verdict(INCONCLUSIVE, (f"{a_label} vs {b_label}: no paired seeds",))
-  m = report.metric_of(metric)
-  text = _paired_text(p, a_label, b_label, metric) + f" (margin {m.fmt(margin)}{m.diff_unit})"
-  if p.n < MIN_SEEDS:
-    return Verdict(INCONCLUSIVE, (text + f" (fewer than {MIN_SEEDS} seeds)",))
-  if p.lo > -margin:
-    return Verdict(REPRODUCED, (text,))
-  return Verdict(PARTLY if p.mean > -margin else NOT, (text,))
+  return decide([compare(r.values(a, metric), r.values(b, metric), a_label, b_label, metric,
+                         margin)])
 
 
 def combine(verdicts, note: str = "") -> Verdict:
-  verdicts = list(verdicts)
-  evidence = tuple(e for v in verdicts for e in v.evidence) + ((note,) if note else ())
-  known = [v.status for v in verdicts if v.status != INCONCLUSIVE]
-  if not known:
-    return Verdict(INCONCLUSIVE, evidence)
-  if len(known) < len(verdicts):
-    return Verdict(PARTLY if any(s != NOT for s in known) else INCONCLUSIVE, evidence)
-  if all(s == REPRODUCED for s in known):
-    return Verdict(REPRODUCED, evidence)
-  if all(s == NOT for s in known):
-    return Verdict(NOT, evidence)
-  return Verdict(PARTLY, evidence)
+  """One claim from several verdicts: every comparison in them, decided together (Holm)."""
+  return decide([c for v in verdicts for c in v.comparisons], note)
 
 
 def overall(verdicts) -> str:
-  return combine(verdicts).status
+  """The experiment's verdict from its claims' (each claim adjusted on its own)."""
+  return _aggregate([v.status for v in verdicts])
 
 
 def markdown(name: str, spec: Findings, r: Results, command: str, plots: list[str]) -> str:
@@ -168,10 +207,12 @@ def markdown(name: str, spec: Findings, r: Results, command: str, plots: list[st
   for i, (claim, v) in enumerate(zip(spec.claims, verdicts), 1):
     out += [f"## Claim {i}: {claim.text}", "", f"Verdict: **{v.status}**", ""]
     out += [f"- {e}" for e in v.evidence] + [""]
-  out += ["Numbers are test-split means over seeds with 95% percentile-bootstrap intervals; "
-          "differences are paired by seed (same data subset, head init and data order). "
-          "Verdict rules: `tlresearch/findings.py`; the table with every configuration is "
-          "`table.md`.", ""]
+  out += ["Numbers are test-split means over seeds with 95% Student-t intervals; differences "
+          "are paired by seed (same data subset, head init and data order), with the two-sided "
+          "paired t-test; when a claim rests on several comparisons, their p-values are "
+          "Holm-Bonferroni adjusted (family-wise error 5% per claim) and the adjusted value is "
+          f"shown. A comparison needs {MIN_SEEDS} paired seeds. Verdict rules: "
+          "`tlresearch/findings.py`; the table with every configuration is `table.md`.", ""]
   if plots:
     out += ["Plots: " + ", ".join(f"`{p}`" for p in plots), ""]
   out += ["Made by:", "", "```", command, "```", ""]

@@ -12,7 +12,7 @@ import io as _io
 import math
 import os
 
-from tlresearch import io, stats
+from tlresearch import grid, io, stats
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +57,18 @@ def metric_of(key: str) -> Metric:
 # runs.csv holds only what the seeds determine, so a rerun (or a killed and resumed run)
 # reproduces it byte for byte; wall-clock numbers go to timing.csv.
 RUN_COLUMNS = ("status", "test_accuracy", "test_macro_f1", "val_accuracy", "ood_test_accuracy",
-               "feature_change", "lr", "weight_decay", "best_epoch", "epochs_run",
-               "trainable_params")
+               "feature_change", "lr", "weight_decay", "probe_l2", "best_epoch", "epochs_run",
+               "budget_limited", "trainable_params")
 TIMING_COLUMNS = ("wall_seconds", "compile_seconds")
 
 
 def _run_value(f: dict, column: str):
   if column in ("lr", "weight_decay"):
     return f.get("hparams", {}).get(f"train.{column}")
+  if column == "probe_l2":
+    return (f.get("probe") or {}).get("l2")
+  if column == "budget_limited":
+    return int(f[column]) if column in f else None
   return f.get(column)
 
 
@@ -133,8 +137,8 @@ def _by_seed(finals, row_axes, col_axis="target", metric="test_accuracy"):
 
 def paired_section(finals, axes, labels: dict, reference: tuple,
                    metric: str = "test_accuracy") -> list[str]:
-  """Markdown lines: each row minus the reference row, paired by seed: mean, 95% percentile
-  bootstrap CI, and the probability of improvement (share of seeds where the row wins)."""
+  """Markdown lines: each row minus the reference row, paired by seed: mean, 95% t interval,
+  and the probability of improvement (share of seeds where the row wins)."""
   row_axes, rows, cols = summarise(finals, axes, metric=metric)
   if reference not in rows:
     return []
@@ -142,7 +146,7 @@ def paired_section(finals, axes, labels: dict, reference: tuple,
   met = metric_of(metric)
   ref_name = ", ".join(f"{labels.get(a, a)}={_fmt_value(v)}" for a, v in zip(row_axes, reference))
   out = [f"## paired difference to the reference ({ref_name}), {met.name}"
-         f"{met.diff_unit}: mean [95% bootstrap CI] over seeds, "
+         f"{met.diff_unit}: mean [95% t CI] over seeds, "
          "P = probability of improvement", "",
          "| " + " | ".join([labels.get(a, a) for a in row_axes] + [str(c) for c in cols]) + " |",
          "|" + "---|" * (len(row_axes) + len(cols))]
@@ -162,41 +166,58 @@ def paired_section(finals, axes, labels: dict, reference: tuple,
   return out + [""]
 
 
-def _hparams(finals, row_axes, key, col) -> str:
-  """The learning rate and weight decay the cells of a row used (selected per row and target
-  when the experiment selects them)."""
+EDGE_MARK = "†"     # the selected lr is at an edge of its (widened) grid
+BUDGET_MARK = "‡"   # most seeds' best validation epoch is the last one trained
+PROBE_TEXT = "L-BFGS"  # a converged probe: no lr; its L2 is chosen per seed on validation
+
+
+def _row_finals(finals, row_axes, key, col) -> list[dict]:
+  return [f for f in finals
+          if tuple(f["axes"][a] for a in row_axes) == key and f["axes"]["target"] == col]
+
+
+def _hparams(finals, row_axes, key, col, at_edge=frozenset()) -> str:
+  """What the cells of a row were trained with on one target: the lr and weight decay
+  (selected per row and target when the experiment selects them; † at an edge of the grid),
+  or the converged probe's L2 range over seeds."""
+  mine = _row_finals(finals, row_axes, key, col)
+  if mine and all(f.get("probe") and f.get("epochs_run") == 1 for f in mine):
+    l2 = sorted(f["probe"]["l2"] for f in mine)
+    return f"{PROBE_TEXT}, l2 {l2[0]:.2g}" + (f"-{l2[-1]:.2g}" if l2[-1] != l2[0] else "")
   seen = sorted({(f.get("hparams", {}).get("train.lr"), f.get("hparams", {}).get("train.weight_decay"))
-                 for f in finals
-                 if tuple(f["axes"][a] for a in row_axes) == key and f["axes"]["target"] == col},
-                key=str)
-  return "/".join(f"{lr:g}, {wd:g}" for lr, wd in seen if lr is not None)
+                 for f in mine}, key=str)
+  edge = any(grid.configuration(f["axes"]) in at_edge for f in mine)
+  return "/".join(f"{lr:g}, {wd:g}" for lr, wd in seen if lr is not None) + (EDGE_MARK if edge
+                                                                            else "")
+
+
+def _budget_limited(values_finals) -> bool:
+  flags = [bool(f.get("budget_limited")) for f in values_finals if f.get("status", "ok") == "ok"]
+  return bool(flags) and 2 * sum(flags) > len(flags)
 
 
 def stats_section(finals, axes, labels: dict, metric: str = "test_accuracy") -> list[str]:
-  """Markdown lines: per row and target, n, mean, std, 95% bootstrap CI and 95% t CI."""
+  """Markdown lines: per row and target, n, mean, std and the 95% t interval."""
   row_axes, rows, cols = summarise(finals, axes, metric=metric)
   met = metric_of(metric)
-  out = [f"## {met.name}{met.unit} per configuration: seeds, mean, std, "
-         "95% bootstrap CI, 95% t CI", "",
+  out = [f"## {met.name}{met.unit} per configuration: seeds, mean, std, 95% t CI", "",
          "| " + " | ".join([labels.get(a, a) for a in row_axes]
-                           + ["target", "n", "mean", "std", "bootstrap CI", "t CI"]) + " |",
-         "|" + "---|" * (len(row_axes) + 6)]
+                           + ["target", "n", "mean", "std", "t CI"]) + " |",
+         "|" + "---|" * (len(row_axes) + 5)]
   for key, by_col in rows.items():
     for c in cols:
-      vals = [v for v in by_col.get(c, []) if v is not None]
-      s = stats.summary(vals)
+      s = stats.summary([v for v in by_col.get(c, []) if v is not None])
       if s.n == 0:
         continue
-      m, h = stats.mean_ci(vals)
-      t_ci = "n/a" if math.isnan(h) else met.interval(m - h, m + h)
+      t_ci = "n/a" if math.isnan(s.lo) else met.interval(s.lo, s.hi)
       std = "n/a" if math.isnan(s.std) else met.fmt(s.std)
       out.append("| " + " | ".join([_fmt_value(v) for v in key] + [
-          str(c), str(s.n), met.fmt(s.mean), std, met.interval(s.lo, s.hi), t_ci]) + " |")
+          str(c), str(s.n), met.fmt(s.mean), std, t_ci]) + " |")
   return out + [""]
 
 
 def table_markdown(finals, axes, labels: dict, title: str, reference: tuple | None = None,
-                   metrics=None, show_hparams: bool = False) -> str:
+                   metrics=None, show_hparams: bool = False, at_edge=frozenset()) -> str:
   out = [f"# {title}", ""]
   diverged = sum(f.get("status", "ok") != "ok" for f in finals)
   if diverged:
@@ -208,25 +229,42 @@ def table_markdown(finals, axes, labels: dict, title: str, reference: tuple | No
     met = metric_of(metric)
     row_axes, rows, cols = summarise(finals, axes, metric=metric)
     head = [labels.get(a, a) for a in row_axes] + [str(c) for c in cols]
-    extra = ["trainable params"] + (["selected lr, wd (per target)"] if show_hparams else [])
+    extra = ["trainable params"] + (["lr, wd selected on validation (per target)"]
+                                    if show_hparams else [])
     out += [f"## {met.name}{met.unit}, mean ± 95% CI over {len(seeds)} "
             "seeds (t interval)", "",
             "| " + " | ".join(head + extra) + " |",
             "|" + "---|" * (len(head) + len(extra))]
     for key, by_col in rows.items():
       params = " / ".join(_params(finals, row_axes, key, c) for c in cols)
-      hp = ([" / ".join(_hparams(finals, row_axes, key, c) for c in cols)]
+      hp = ([" / ".join(_hparams(finals, row_axes, key, c, at_edge) for c in cols)]
             if show_hparams else [])
-      out.append("| " + " | ".join([_fmt_value(v) for v in key]
-                                   + [_cell_text(by_col.get(c, []), met) for c in cols]
-                                   + [params] + hp) + " |")
+      texts = [_cell_text(by_col.get(c, []), met)
+               + (BUDGET_MARK if _budget_limited(_row_finals(finals, row_axes, key, c)) else "")
+               for c in cols]
+      out.append("| " + " | ".join([_fmt_value(v) for v in key] + texts + [params] + hp) + " |")
     out.append("")
+  out += _legend(finals, show_hparams, at_edge)
   for metric in metrics:
     out += stats_section(finals, axes, labels, metric)
   if reference is not None:
     for metric in metrics:
       out += paired_section(finals, axes, labels, reference, metric)
   return "\n".join(out)
+
+
+def _legend(finals, show_hparams: bool, at_edge) -> list[str]:
+  lines = []
+  if any(f.get("budget_limited") for f in finals):
+    lines.append(f"{BUDGET_MARK} most seeds' best validation epoch was the last one trained: "
+                 "the epoch budget, not the strategy, may have stopped them.")
+  if show_hparams and at_edge:
+    lines.append(f"{EDGE_MARK} the selected lr is at an edge of its grid even after widening "
+                 "it (tlresearch.selection): the optimum may lie beyond.")
+  if any(f.get("probe") for f in finals):
+    lines.append(f"{PROBE_TEXT}: the head solved to convergence on the frozen features, its L2 "
+                 "strength chosen per seed on validation (tlresearch.probe).")
+  return [" ".join(lines), ""] if lines else []
 
 
 def table_latex(finals, axes, labels: dict, metric: str = "test_accuracy") -> str:
@@ -324,7 +362,7 @@ def line_plot(finals, series: list, path: str, title: str, metric: str = "test_a
 
 def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
           labels: dict | None = None, reference: tuple | None = None, metrics=None,
-          show_hparams: bool = False, extra=None) -> list[str]:
+          show_hparams: bool = False, at_edge=frozenset(), extra=None) -> list[str]:
   """runs.csv, timing.csv, table.md, table.tex and accuracy.png as the folder `out_dir`.
 
   `extra(folder)` may add files (findings, more plots) and returns their names. Everything
@@ -338,7 +376,7 @@ def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
     io.write_text(os.path.join(tmp, "runs.csv"), runs_csv(finals, axes))
     io.write_text(os.path.join(tmp, "timing.csv"), runs_csv(finals, axes, TIMING_COLUMNS))
     io.write_text(os.path.join(tmp, "table.md"), table_markdown(
-        finals, axes, labels, title, reference, metrics, show_hparams))
+        finals, axes, labels, title, reference, metrics, show_hparams, at_edge))
     io.write_text(os.path.join(tmp, "table.tex"), table_latex(finals, axes, labels))
     plot(finals, axes, labels, os.path.join(tmp, "accuracy.png"), title)
     if extra is not None:

@@ -50,7 +50,7 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
     raise UserError("--overwrite cannot be used with --num_tasks > 1: it would delete the other "
                     "tasks' cells; clear the workdir once before launching the tasks instead")
   cells = grid.expand(config)
-  sel_cells = selection.expand(config, cells)
+  sel_cells = selection.first_round(config, cells)
   # every bad value and every bad dataset fails here, before training (in every task alike)
   cell_lib.check_all(cells + sel_cells)
   with _workdir_lock(workdir, task_index, num_tasks):
@@ -59,8 +59,8 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
       _clear_workdir(workdir)
     if num_tasks > 1:
       return _run_task(config, cells, name, workdir, progress, task_index, num_tasks, t0)
-    finals, sel_table, reused = train_cells(config, cells, sel_cells, name, workdir, progress)
-    paths = write_results(config, name, results_dir, finals, sel_table, findings, command)
+    finals, outcome, reused = train_cells(config, cells, name, workdir, progress)
+    paths = write_results(config, name, results_dir, finals, outcome, findings, command)
   seconds = time.perf_counter() - t0
   print(f"{name}: {len(cells)} cells ({reused} reused) in {seconds:.0f}s; wrote "
         + ", ".join(paths))
@@ -70,17 +70,17 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
 def _run_task(config, cells, name, workdir, progress, task_index, num_tasks, t0) -> dict:
   """One task of a sharded grid: its configurations' cells, no tables."""
   mine = grid.shard(cells, task_index, num_tasks)
-  # Built from this task's final cells: exactly the selection cells its configurations need.
-  sel_mine = selection.expand(config, mine)
-  _, _, reused = train_cells(config, mine, sel_mine, name, workdir, progress)
+  # Selection runs for this task's configurations only: exactly the cells they need.
+  _, outcome, reused = train_cells(config, mine, name, workdir, progress)
+  n_sel = outcome.cells if outcome is not None else 0
   seconds = time.perf_counter() - t0
   count = lambda cs: len({grid.configuration(c.axes) for c in cs})
   print(f"{name}: --task_index={task_index} of --num_tasks={num_tasks} ran its {count(mine)} "
         f"of {count(cells)} configurations, {len(mine)} cells"
-        + (f" and {len(sel_mine)} selection cells" if sel_mine else "")
+        + (f" and {n_sel} selection cells" if n_sel else "")
         + f" ({reused} reused) in {seconds:.0f}s, no tables; once every task has finished, "
         "the same command with --merge in place of --task_index/--num_tasks builds them")
-  return {"cells": len(mine), "selection_cells": len(sel_mine), "reused": reused,
+  return {"cells": len(mine), "selection_cells": n_sel, "reused": reused,
           "seconds": seconds, "outputs": []}
 
 
@@ -91,21 +91,21 @@ def merge_grid(config, name: str, workdir: str, results_dir: str,
   backbone; while any cell is unfinished, raises UserError and writes nothing."""
   t0 = time.perf_counter()
   cells = grid.expand(config)
-  sel_cells = selection.expand(config, cells)
-  sel_finals = _read_finals(sel_cells, _selection_dir(workdir))
-  sel_table = None
-  if sel_cells:
-    # An unfinished candidate scores as a failed run only so that every configuration has a
-    # choice to look its final cells up by; the merge stops below while any is unfinished.
-    scored = [f if f is not None else {"status": "unfinished"} for f in sel_finals]
-    cells, sel_table = _select(config, cells, sel_cells, scored)
+
+  def read_selection(sel_cells, round_index):
+    finals = _read_finals(sel_cells, _selection_dir(workdir))
+    _check_all_finished(workdir, [f"selection/{c.id}" for c in sel_cells], finals)
+    return finals
+
+  # The same rounds as the run, each read from disk: a widened candidate is found exactly
+  # when the run that made it chose to widen.
+  cells, outcome = selection.run(config, cells, read_selection)
   finals = _read_finals(cells, workdir)
-  _check_all_finished(workdir, [f"selection/{c.id}" for c in sel_cells] + [c.id for c in cells],
-                      sel_finals + finals)
-  paths = write_results(config, name, results_dir, finals, sel_table, findings, command)
+  _check_all_finished(workdir, [c.id for c in cells], finals)
+  paths = write_results(config, name, results_dir, finals, outcome, findings, command)
   seconds = time.perf_counter() - t0
   print(f"{name}: merged {len(cells)} cells"
-        + (f" and {len(sel_cells)} selection cells" if sel_cells else "")
+        + (f" and {outcome.cells} selection cells" if outcome is not None else "")
         + f" from {workdir} in {seconds:.0f}s; wrote " + ", ".join(paths))
   return {"cells": len(cells), "reused": len(cells), "seconds": seconds, "outputs": paths}
 
@@ -160,23 +160,20 @@ def _read_finals(cells, root: str) -> list[dict | None]:
   return [cell_lib.finished(os.path.join(root, c.id), c) for c in cells]
 
 
-def _select(config, cells, sel_cells, sel_finals) -> tuple[list, str]:
-  """The final cells with their configuration's selected values, and selection.csv."""
-  chosen = selection.choose(config, sel_cells, sel_finals)
-  return selection.apply(cells, chosen), selection.table_csv(sel_cells, sel_finals, chosen)
-
-
-def train_cells(config, cells, sel_cells, name: str, workdir: str,
-                progress: bool) -> tuple[list[dict], str | None, int]:
-  """Runs the unfinished selection cells, then the unfinished final cells under their
-  configuration's selected values; (finals, selection.csv or None, final cells reused)."""
+def train_cells(config, cells, name: str, workdir: str,
+                progress: bool) -> tuple[list[dict], selection.Outcome | None, int]:
+  """Runs the unfinished selection cells (round by round), then the unfinished final cells
+  under their configuration's selected values; (finals, selection outcome or None, final
+  cells reused)."""
   run_cells = _cell_runner(dict(config.report.axis_labels), progress)
-  sel_table = None
-  if sel_cells:
-    sel_finals, _ = run_cells(sel_cells, _selection_dir(workdir), f"{name} selection")
-    cells, sel_table = _select(config, cells, sel_cells, sel_finals)
+
+  def run_selection(sel_cells, round_index):
+    desc = f"{name} selection" + (f" (widened, round {round_index + 1})" if round_index else "")
+    return run_cells(sel_cells, _selection_dir(workdir), desc)[0]
+
+  cells, outcome = selection.run(config, cells, run_selection)
   finals, reused = run_cells(cells, workdir, name)
-  return finals, sel_table, reused
+  return finals, outcome, reused
 
 
 def _backbones():
@@ -244,8 +241,8 @@ def _cell_runner(labels: dict, progress: bool):
 
 
 def write_results(config, name: str, results_dir: str, finals: list[dict],
-                  sel_table: str | None = None, findings: findings_lib.Findings | None = None,
-                  command: str = "") -> list[str]:
+                  outcome: selection.Outcome | None = None,
+                  findings: findings_lib.Findings | None = None, command: str = "") -> list[str]:
   """The results folder `results_dir/name/` (tables, plots, runs.csv, selection.csv,
   findings), replaced whole; built from the cells' final.json records only."""
   axes = grid.axes_of(config)
@@ -255,8 +252,8 @@ def write_results(config, name: str, results_dir: str, finals: list[dict],
   def extra(folder):
     """selection.csv, findings.md and the findings' plots, into the results folder."""
     names = []
-    if sel_table is not None:
-      io.write_text(os.path.join(folder, "selection.csv"), sel_table)
+    if outcome is not None:
+      io.write_text(os.path.join(folder, "selection.csv"), outcome.table)
       names.append("selection.csv")
     if findings is not None:
       names += [os.path.basename(p)
@@ -266,7 +263,8 @@ def write_results(config, name: str, results_dir: str, finals: list[dict],
   return report.write(finals, axes, os.path.join(results_dir, name), name,
                       dict(config.report.axis_labels), reference,
                       metrics=config.report.metrics,
-                      show_hparams=selection.enabled(config), extra=extra)
+                      show_hparams=selection.enabled(config),
+                      at_edge=outcome.at_edge if outcome is not None else set(), extra=extra)
 
 
 def _summary_line(f: dict, labels: dict) -> str:

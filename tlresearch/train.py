@@ -19,7 +19,7 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from tlresearch import optim, parallel, penalty, programs
+from tlresearch import optim, parallel, penalty, probe, programs
 from tlresearch.checkpoint import CheckpointError
 from tlresearch.data.augment import AugmentSpec
 from tlresearch.errors import UserError, choices
@@ -57,6 +57,8 @@ def check(cfg) -> None:
        f"unknown train.optimizer '{cfg.optimizer}'; valid: {choices(optim.OPTIMIZERS)}"),
       (cfg.seeds_mode in SEEDS_MODES,
        f"train.seeds_mode must be one of {choices(SEEDS_MODES)}, got '{cfg.seeds_mode}'"),
+      (cfg.probe_solver in probe.SOLVERS,
+       f"train.probe_solver must be one of {choices(probe.SOLVERS)}, got '{cfg.probe_solver}'"),
   ]
   for ok, message in rules:
     if not ok:
@@ -107,6 +109,7 @@ class FitResult:
   notes: list                  # what a reader of the results should know about this run
   diverged: dict | None        # {'epoch', 'step'} of the first non-finite loss, or None
   fit_seconds: float           # the whole fit's wall time (shared by seeds trained together)
+  probe: dict | None = None    # the converged probe's solve (tlresearch.probe), if a stage had one
 
   @property
   def epochs_run(self) -> int:
@@ -115,6 +118,24 @@ class FitResult:
 
 def _first_trainable_group(rule_by_path, groups) -> int:
   return min(groups.index(p.split("/")[0]) for p, r in rule_by_path.items() if r != FROZEN)
+
+
+def stage_start(groups, stage, param_paths, cfg, cache: bool | None = None) -> str:
+  """The group a stage's training starts at: above its frozen prefix when that prefix's
+  output is cached (`cache`, default `cfg.cache_frozen_prefix`; never with augmentation, which
+  changes the prefix's input every step), else the first group."""
+  first = _first_trainable_group(resolve(stage.rules, param_paths), groups)
+  cache = bool(cfg.cache_frozen_prefix) if cache is None else cache
+  aug = AugmentSpec.from_config(cfg.augment)
+  return groups[first] if first > 0 and aug is None and cache else groups[0]
+
+
+def solves_probe(model, stage, param_paths, cfg) -> bool:
+  """Whether `fit` solves this stage with the converged probe (tlresearch.probe) rather than
+  training it with the optimizer."""
+  groups = model.groups
+  return probe.applies(cfg, getattr(model, "dropout_rate", 0.0),
+                       stage_start(groups, stage, param_paths, cfg), groups[-1])
 
 
 def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,
@@ -135,8 +156,7 @@ def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,
   flat_params = traverse_util.flatten_dict(variables["params"], sep="/")
   rule_by_path = resolve(stage.rules, flat_params)
   first = _first_trainable_group(rule_by_path, groups)
-  cache = bool(cfg.cache_frozen_prefix) if cache is None else cache
-  start = groups[first] if first > 0 and aug is None and cache else groups[0]
+  start = stage_start(groups, stage, flat_params, cfg, cache)
   # "frozen": every BatchNorm in inference mode with its statistics kept, trainable or not.
   frozen_bn = tuple(groups) if cfg.bn_stats == "frozen" else frozen_groups(rule_by_path, groups)
   spec = programs.StepSpec(
@@ -169,7 +189,8 @@ def fit(model, starts, strategy, datas, cfg, keys, checkpointer=None,
       random stream is keyed by seed, epoch and step). A damaged checkpoint is logged and
       those seeds start from scratch.
     on_epoch: called as `on_epoch(seed_index, record, state)` after each seed's epoch
-      (`state` is the stacked state when seeds train together).
+      (`state` is the stacked state when seeds train together, None after a converged
+      probe's solve, which is one record).
 
   Seeds train together (one vmapped program) when `seeds_mode(cfg)` is "vmap", there are
   several, and their splits have equal sizes; otherwise one after another.
@@ -216,6 +237,7 @@ class _Seed:
   best_epoch: int = 0
   cached: bool = False
   diverged: dict | None = None
+  probe: dict | None = None    # the converged probe's solve, when a stage had one
   val: dict | None = None
   test: dict | None = None
   pred: np.ndarray | None = None
@@ -233,7 +255,7 @@ class _Seed:
     return {"history": self.history, "notes": self.notes, "active": self.active,
             "best_score": self.best_score, "stage_best_epoch": self.stage_best_epoch,
             "wait": self.wait, "best_epoch": self.best_epoch, "cached": self.cached,
-            "diverged": self.diverged}
+            "diverged": self.diverged, "probe": self.probe}
 
   @classmethod
   def from_progress(cls, meta: dict) -> "_Seed":
@@ -282,6 +304,11 @@ class _Fit:
         continue  # finished before the interruption; the checkpoint holds what it produced
       spec, stage_inputs = stage_spec(self.model, stage, variables, self.cfg, self.n, n_epochs,
                                       mesh=lanes.mesh)
+      paths = traverse_util.flatten_dict(variables["params"], sep="/")
+      if solves_probe(self.model, stage, paths, self.cfg):
+        splits = self._inputs(spec, variables, live)
+        variables = self._solve_probe(stage, variables, splits, live)
+        continue
       inputs = lanes.per_seed_inputs(stage_inputs)
       if self.augmenting and spec.frozen_prefix:
         for s in live:
@@ -316,8 +343,33 @@ class _Fit:
     seconds = time.perf_counter() - t_start
     return [FitResult(variables=v, history=r.history, best_epoch=r.best_epoch, val=r.val,
                       test=r.test, test_predictions=r.pred, cached_prefix=r.cached,
-                      notes=r.notes, diverged=r.diverged, fit_seconds=seconds)
+                      notes=r.notes, diverged=r.diverged, fit_seconds=seconds, probe=r.probe)
             for v, r in zip(lanes.unstack(variables), self.seeds)]
+
+  def _solve_probe(self, stage, variables, splits, live) -> dict:
+    """The converged probe (tlresearch.probe) for each live seed, on the cached inputs of
+    the head: one history record per seed, and the solve in its FitResult."""
+    lanes = self.lanes
+    per_seed = lanes.unstack(variables)
+    x = {k: lanes.unstack(splits[k]) for k in ("train", "val")}
+    y = {k: lanes.unstack(self.data[f"{k}_y"]) for k in ("train", "val")}
+    for s in live:
+      t0 = time.perf_counter()
+      per_seed[s], sol = probe.solve(self.model, per_seed[s], x["train"][s], y["train"][s],
+                                     x["val"][s], y["val"][s])
+      r = self.seeds[s]
+      r.probe = sol.record()
+      record = {"epoch": len(r.history) + 1, "stage": stage.name, "solver": "lbfgs",
+                "train_loss": sol.train_loss, "train_accuracy": sol.train_accuracy,
+                "val_loss": sol.val_loss, "val_accuracy": sol.val_accuracy, "l2": sol.l2,
+                "iterations": sol.iterations, "seconds": time.perf_counter() - t0}
+      r.history.append(record)
+      r.best_epoch = len(r.history)
+      if probe.note(sol):
+        r.note(probe.note(sol))
+      if self.on_epoch is not None:
+        self.on_epoch(self.indices[s], record, None)
+    return lanes.stack(per_seed)
 
   def _inputs(self, spec, variables, live) -> dict:
     """The stage's training / validation / test inputs: the frozen prefix's outputs where it
