@@ -109,27 +109,32 @@ def test_experiment_with_selection_probes_and_findings(tmp_path):
       "--config.model.width=4", "--config.train.epochs=2", "--config.pretrain.train.epochs=1",
       "--config.k_shot=0", "--config.seeds=[0, 1]", "--config.targets=['digits']",
       "--config.selection.lr=[0.01, 0.1]", "--config.selection.weight_decay=[0.0]",
+      "--config.selection.widen=0",
   ]
   with tfds.testing.mock_data(num_examples=24):
     assert run.main(args) == 0
   out_dir = tmp_path / "results" / "lp_ft"
   sel = list(csv.DictReader(open(out_dir / "selection.csv")))
-  assert len(sel) == 3 * 2  # strategies x learning rates (one selection seed)
+  # full and lp_ft x learning rates (one selection seed); the converged probe has no lr.
+  assert len(sel) == 2 * 2 and {s["strategy"] for s in sel} == {"full", "lp_ft:probe=0.5"}
   rows = list(csv.DictReader(open(out_dir / "runs.csv")))
   assert len(rows) == 3 * 2
   for r in rows:
+    # The probe, and LP-FT's probe stage, are solved with an L2 chosen on validation.
+    assert (r["probe_l2"] != "") == (r["strategy"] != "full")
+    if r["strategy"] == "linear_probe":
+      assert float(r["feature_change"]) == 0.0 and r["epochs_run"] == "1"
+      continue
     won = [s for s in sel if s["strategy"] == r["strategy"] and s["selected"] == "1"]
     assert len(won) == 1 and float(won[0]["train.lr"]) == float(r["lr"])
     # The winner has the best validation accuracy of its configuration (first on ties).
     cands = [float(s["val_accuracy"]) for s in sel if s["strategy"] == r["strategy"]]
     assert float(won[0]["val_accuracy"]) == max(cands)
     assert 0 <= float(r["ood_test_accuracy"]) <= 1
-    if r["strategy"] == "linear_probe":
-      assert float(r["feature_change"]) == 0.0
-    else:
-      assert float(r["feature_change"]) > 0.0
+    assert float(r["feature_change"]) > 0.0
   table = open(out_dir / "table.md").read()
-  assert "selected lr, wd (per target)" in table and "OOD (corrupted test) accuracy" in table
+  assert "lr, wd selected on validation (per target)" in table and "L-BFGS, l2 " in table
+  assert "OOD (corrupted test) accuracy" in table
   md = open(out_dir / "findings.md").read()
   assert "Kumar" in md and "--experiment=lp_ft" in md
   # Two seeds are too few for any verdict.

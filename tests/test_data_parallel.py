@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {"full": dict(strategy="full", batch_size=16, epochs=2),
          "partial": dict(strategy="partial:k=1", batch_size=16, epochs=2),
          # 6 does not divide by 4: the largest device count that divides it is 3.
-         "fallback": dict(strategy="linear_probe", batch_size=6, epochs=1)}
+         "fallback": dict(strategy="linear_probe", batch_size=6, epochs=1,
+                          probe_solver="sgd")}  # the SGD probe's step, not the solver
 
 
 def _model():
@@ -55,7 +56,8 @@ def _fit(case: dict, data_parallel: bool, variables):
   ds = make_dataset(n_val=18, n_test=18)
   model = _model()
   cfg = tiny_train_cfg(epochs=case["epochs"], batch_size=case["batch_size"],
-                       data_parallel=data_parallel)
+                       data_parallel=data_parallel,
+                       probe_solver=case.get("probe_solver", "lbfgs"))
   cfg.early_stopping.enabled = False  # compare the last epoch's weights, not a choice
   return fit_one(model, variables, strategies.get(case["strategy"], model.groups), ds, cfg,
                    train.CellKeys.from_seed(0))

@@ -129,7 +129,8 @@ def _same_result(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-# Multi-stage strategies resume inside their second stage (lp_ft: 3 probe + 3 full epochs;
+# Multi-stage strategies resume inside their second stage (lp_ft: one converged probe solve,
+# then full epochs;
 # gradual_unfreeze: one group per epoch); l2_sp needs its anchor (the starting weights) back.
 @pytest.mark.parametrize("spec, stop_after", [
     ("full", 3), ("lp_ft", 5), pytest.param("gradual_unfreeze", 4, marks=pytest.mark.slow),

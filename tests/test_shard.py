@@ -154,7 +154,8 @@ def test_two_tasks_and_merge_equal_one_process_with_selection(tmp_path, cache, m
                                                               capsys):
   extra = ("--config.grid=[{'strategy': ['linear_probe', 'full']}]",
            "--config.selection.lr=[0.01, 0.1]", "--config.selection.weight_decay=[0.0]",
-           "--config.train.probe_solver=sgd")  # the SGD probe has an lr to select
+           "--config.train.probe_solver=sgd",  # the SGD probe has an lr to select
+           "--config.selection.widen=0")
   args = lambda tag, *more: _args(tmp_path, cache, "dropout_ablation", tag, *extra, *more)
   assert _main(args("single")) == 0
   for i in range(2):

@@ -85,8 +85,10 @@ def test_lp_ft_second_stage_starts_from_the_probe_head(dataset):
   out = _fit(model, variables, strategy, dataset, cfg,
              on_epoch=lambda r, s: snaps.__setitem__((r["stage"], r["epoch"]),
                                                      jax.device_get(s.params)))
-  probe_end = snaps[("probe", 2)]
-  assert [k[0] for k in sorted(snaps, key=lambda k: k[1])] == ["probe"] * 2 + ["fine_tune"] * 4
+  # The probe stage is one converged solve (tlresearch.probe), then 4 fine-tuning epochs.
+  probe_end = snaps[("probe", 1)]
+  assert [k[0] for k in sorted(snaps, key=lambda k: k[1])] == ["probe"] + ["fine_tune"] * 4
+  assert out.probe is not None and out.history[0]["solver"] == "lbfgs"
   start, probe_head, final = (_flat(variables["params"]), _flat(probe_end),
                               _flat(out.variables["params"]))
   assert not np.allclose(start["head/dense/kernel"], probe_head["head/dense/kernel"])

@@ -32,6 +32,9 @@ class Stage:
   fraction: float | None = None  # epochs as a fraction of the budget (when `epochs` is None)
   weight_decay: bool = True  # False when `penalty` replaces the optimizer's weight decay
   penalty: tuple = ()  # ("l2_sp", alpha, beta): see tlresearch.penalty
+  # A stage that trains the head alone on cached features is solved to convergence by the
+  # converged probe (tlresearch.probe) unless the method itself prescribes its epochs.
+  solve: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +136,10 @@ def gradual_unfreeze(groups, epochs_per_stage: int = 1) -> Strategy:
                     f"got {epochs_per_stage}")
   spec = f"gradual_unfreeze:epochs_per_stage={epochs_per_stage}"
   n = len(groups) - 1
+  # The head-alone first stage trains its prescribed epochs (solve=False): the schedule of
+  # unfreezing is the method.
   stages = tuple(Stage(_top_k(groups, k, spec), epochs=epochs_per_stage if k < n else None,
-                       name=f"top{k}") for k in range(n + 1))
+                       name=f"top{k}", solve=False) for k in range(n + 1))
   return Strategy(spec, stages)
 
 

@@ -134,8 +134,8 @@ def solves_probe(model, stage, param_paths, cfg) -> bool:
   """Whether `fit` solves this stage with the converged probe (tlresearch.probe) rather than
   training it with the optimizer."""
   groups = model.groups
-  return probe.applies(cfg, getattr(model, "dropout_rate", 0.0),
-                       stage_start(groups, stage, param_paths, cfg), groups[-1])
+  return stage.solve and probe.applies(cfg, getattr(model, "dropout_rate", 0.0),
+                                       stage_start(groups, stage, param_paths, cfg), groups[-1])
 
 
 def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,
@@ -189,8 +189,8 @@ def fit(model, starts, strategy, datas, cfg, keys, checkpointer=None,
       random stream is keyed by seed, epoch and step). A damaged checkpoint is logged and
       those seeds start from scratch.
     on_epoch: called as `on_epoch(seed_index, record, state)` after each seed's epoch
-      (`state` is the stacked state when seeds train together, None after a converged
-      probe's solve, which is one record).
+      (`state` is the stacked state when seeds train together; after a converged probe's
+      solve, one record, it holds the solved variables and no step or optimizer state).
 
   Seeds train together (one vmapped program) when `seeds_mode(cfg)` is "vmap", there are
   several, and their splits have equal sizes; otherwise one after another.
@@ -353,6 +353,7 @@ class _Fit:
     per_seed = lanes.unstack(variables)
     x = {k: lanes.unstack(splits[k]) for k in ("train", "val")}
     y = {k: lanes.unstack(self.data[f"{k}_y"]) for k in ("train", "val")}
+    records = {}
     for s in live:
       t0 = time.perf_counter()
       per_seed[s], sol = probe.solve(self.model, per_seed[s], x["train"][s], y["train"][s],
@@ -361,15 +362,22 @@ class _Fit:
       r.probe = sol.record()
       record = {"epoch": len(r.history) + 1, "stage": stage.name, "solver": "lbfgs",
                 "train_loss": sol.train_loss, "train_accuracy": sol.train_accuracy,
-                "val_loss": sol.val_loss, "val_accuracy": sol.val_accuracy, "l2": sol.l2,
-                "iterations": sol.iterations, "seconds": time.perf_counter() - t0}
+                "val_loss": sol.val_loss, "val_accuracy": sol.val_accuracy,
+                "lr": None, "l2": sol.l2, "iterations": sol.iterations,
+                "seconds": time.perf_counter() - t0}
       r.history.append(record)
       r.best_epoch = len(r.history)
       if probe.note(sol):
         r.note(probe.note(sol))
-      if self.on_epoch is not None:
-        self.on_epoch(self.indices[s], record, None)
-    return lanes.stack(per_seed)
+      records[s] = record
+    self.epochs_done += 1  # the solve is one record of the history, as an epoch is
+    variables = lanes.stack(per_seed)
+    if self.on_epoch is not None:  # the state the solve leaves (no optimizer state)
+      state = programs.TrainState(None, variables["params"], variables.get("batch_stats", {}),
+                                  None)
+      for s, record in records.items():
+        self.on_epoch(self.indices[s], record, state)
+    return variables
 
   def _inputs(self, spec, variables, live) -> dict:
     """The stage's training / validation / test inputs: the frozen prefix's outputs where it
