@@ -6,12 +6,15 @@ Fields (wall-clock seconds; images/s of a compiled, warmed-up train step over th
 training set of the default `finetune_sweep` cell, digits target, seed 0):
   device, device_count, jax
   train_images_per_s.full              every group trainable, the whole network each step
-  train_images_per_s.linear_probe      head only, on features computed once (the default)
-  train_images_per_s.linear_probe_uncached  head only, the frozen backbone run every step
+  train_images_per_s.linear_probe      head only by SGD (train.probe_solver=sgd), on features
+                                       computed once
+  train_images_per_s.linear_probe_uncached  the same, the frozen backbone run every step
   linear_probe_cell                    one warm linear-probe cell (`cell.run`): its seconds,
                                        one forward pass of the backbone over its data
-                                       (train + validation + test), its head training, and
-                                       the ratios cell / forward and cell / (forward + head)
+                                       (train + validation + test), the converged probe's
+                                       whole L2 path on the cached features
+                                       (probe_path_seconds), and the ratios cell / forward
+                                       and cell / (forward + path)
   compile_seconds_per_cell.cold/warm   a linear_probe and a full cell in a new process, with an
                                        empty and then a filled persistent compilation cache
   vmap_seeds                           3 seeds in one vmapped program vs a loop (images/s)
@@ -98,30 +101,17 @@ def train_rates(model, variables, data, cfg) -> dict:
                                                  cached=False)}
 
 
-def _head_training_seconds(model, variables, ds, cfg, epochs: int) -> float:
-  """What a probe cell's training costs once the features exist: `epochs` epochs of the
-  head's train step on the cached features, each followed by the validation pass on them."""
+def probe_path_seconds(model, variables, ds) -> float:
+  """What a probe cell's training costs once the features exist: the converged probe's
+  whole L2 path (tlresearch.probe.solve) on the cached features, warm."""
   import jax.numpy as jnp
-  from tlresearch import programs, strategies, train
-  stage = strategies.get("linear_probe", model.groups).stages[0]
-  spec, inputs = train.stage_spec(model, stage, variables, cfg, len(ds.train_x), epochs)
-  stop = model.groups[model.groups.index(spec.start) - 1]
+  from tlresearch import probe, programs
+  stop = model.groups[-2]
   x, vx = (_block(programs.prefix_outputs(model, variables, jnp.asarray(a), stop))
            for a in (ds.train_x, ds.val_x))
-  y, vy = jnp.asarray(ds.train_y), jnp.asarray(ds.val_y)
-  keys = train.CellKeys.from_seed(0)
-
-  def run():
-    state = programs.init_state(spec, variables, inputs)
-    for _ in range(epochs):
-      state, m = programs.train_epoch(spec, state, x, y, keys.order, keys.dropout,
-                                      keys.augment, inputs)
-      float(m["train_loss"])  # the host reads the metrics each epoch, as fit does
-      programs.evaluate(model, programs.variables_of(state), vx, vy, spec.start)
-
-  run()  # compiles
+  probe.solve(model, variables, x, ds.train_y, vx, ds.val_y)  # compiles
   t0 = time.perf_counter()
-  run()
+  _block(probe.solve(model, variables, x, ds.train_y, vx, ds.val_y)[0])
   return time.perf_counter() - t0
 
 
@@ -145,10 +135,11 @@ def linear_probe_cell(cell, pretrained, ds, model) -> dict:
   t0 = time.perf_counter()
   _block([programs.prefix_outputs(model, variables, x, stop) for x in splits])
   forward = time.perf_counter() - t0
-  head = _head_training_seconds(model, variables, ds, cell.config.train, final["epochs_run"])
+  head = probe_path_seconds(model, variables, ds)
   seconds = final["wall_seconds"]
-  return {"seconds": seconds, "forward_seconds": forward, "head_train_seconds": head,
-          "examples": int(sum(len(x) for x in splits)), "epochs": final["epochs_run"],
+  return {"seconds": seconds, "forward_seconds": forward, "probe_path_seconds": head,
+          "l2_values": len(final["probe"]["path"]),
+          "examples": int(sum(len(x) for x in splits)),
           "ratio_to_forward": seconds / forward,
           "ratio_to_forward_plus_head": seconds / (forward + head)}
 

@@ -123,6 +123,21 @@ def task_of(flags: dict) -> tuple[int, int]:
   return _integer(flags["task_index"]), _integer(flags["num_tasks"])
 
 
+def load_config(name: str | None, overrides, names: dict | None = None):
+  """(the experiment's config with the overrides applied, locked; its module)."""
+  names = experiments() if names is None else names
+  if not name:
+    raise UserError(f"--experiment is required; valid: {choices(names)}")
+  if name not in names:
+    raise UserError(f"unknown experiment '{name}'; valid: {choices(names)}")
+  module = importlib.import_module(f"experiments.{name}")
+  config = module.get_config()
+  for dotted, text in overrides:
+    apply_override(config, dotted, text)
+  config.lock()  # from here on a misspelt key is an error, never a new key
+  return config, module
+
+
 def main(argv: list[str]) -> int:
   flags, overrides = parse_args(argv)
   if "help" in flags:
@@ -134,15 +149,7 @@ def main(argv: list[str]) -> int:
       print(f"{name:28s} {doc}")
     return 0
   name = flags.get("experiment")
-  if not name:
-    raise UserError(f"--experiment is required; valid: {choices(names)}")
-  if name not in names:
-    raise UserError(f"unknown experiment '{name}'; valid: {choices(names)}")
-  module = importlib.import_module(f"experiments.{name}")
-  config = module.get_config()
-  for dotted, text in overrides:
-    apply_override(config, dotted, text)
-  config.lock()  # from here on a misspelt key is an error, never a new key
+  config, module = load_config(name, overrides, names)
   if config.kind not in ("pretrain", "sweep"):
     raise UserError(f"experiment '{name}' has unknown kind '{config.kind}'; valid: pretrain, sweep")
   task_index, num_tasks = task_of(flags)
