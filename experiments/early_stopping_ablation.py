@@ -6,6 +6,8 @@ epoch's weights when it stops. Strategies `linear_probe` and `full`, targets
 `glyphs_input_shift` and `digits`, 20 examples per class, 5 paired seeds. Protocol: the
 stopping rule is the only variable, so every configuration uses the project's fixed lr (no
 selection). Rows with early stopping off show patience 5 (the base value), which they ignore.
+The probe is the SGD probe (`train.probe_solver = "sgd"`): a solved probe has no epochs to
+stop.
 """
 import ml_collections
 
@@ -22,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = _common.sweep(targets=list(TARGETS))
   c.train.epochs = EPOCHS
   c.selection.enabled = False  # the stopping rule is the only variable
+  c.train.probe_solver = "sgd"  # epochs to stop, for the probe too
   c.grid = [
       {"strategy": list(STRATEGIES), "train.early_stopping.enabled": [False]},
       {"strategy": list(STRATEGIES), "train.early_stopping.patience": list(PATIENCE)},
