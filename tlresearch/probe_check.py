@@ -51,10 +51,13 @@ def sklearn_probe(feats: dict) -> tuple[float, float]:
   import warnings
   from sklearn.exceptions import ConvergenceWarning
   from sklearn.linear_model import LogisticRegression
+  from threadpoolctl import threadpool_limits
   (x, y), (vx, vy), (tx, ty) = feats["train"], feats["val"], feats["test"]
   best = None
   for c in C_GRID:
-    with warnings.catch_warnings():
+    # One BLAS thread: these problems are tiny, and threads fighting over the cores made the
+    # same fits ~30x slower.
+    with warnings.catch_warnings(), threadpool_limits(1):
       warnings.simplefilter("error", ConvergenceWarning)
       try:
         clf = LogisticRegression(C=c, max_iter=2000, tol=1e-6).fit(x, y)
