@@ -119,7 +119,7 @@ def report() -> ml_collections.ConfigDict:
   r.reference = "full"         # strategy whose base-config row the paired differences use
   # (axis, column name) pairs for tables; axes without one are shown by their config key.
   r.axis_labels = [("model.dropout_rate", "dropout"), ("train.augment.enabled", "augmentation"),
-                   ("train.early_stopping.enabled", "early stopping")]
+                   ("train.early_stopping.enabled", "early stopping"), ("train.epochs", "epochs")]
   return r
 
 

@@ -40,5 +40,4 @@ def get_config() -> ml_collections.ConfigDict:
       {"strategy": ["scratch"], "train.epochs": [SCRATCH_EPOCHS]},
       {"strategy": ["full"], "train.augment.enabled": [True]},
   ]
-  c.report.axis_labels = [("train.epochs", "epochs"), ("train.augment.enabled", "augmentation")]
   return c

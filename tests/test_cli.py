@@ -54,6 +54,7 @@ def _tiny_args(tmp_path, grid):
       "--config.model.width=4", "--config.train.epochs=1", "--config.pretrain.train.epochs=1",
       "--config.k_shot=0", "--config.seeds=[0, 1]",
       "--config.targets=['digits', 'glyphs_input_shift']", f"--config.grid={grid}",
+      "--config.selection.enabled=False",  # final cells only (selection: test_experiment_...)
   ]
 
 

@@ -30,7 +30,8 @@ def _args(tmp_path, tag, *extra):
       "--config.train.epochs=30", "--config.train.early_stopping.enabled=False",
       "--config.pretrain.train.epochs=1", "--config.k_shot=0", "--config.seeds=[0]",
       "--config.targets=['digits']", "--config.checkpoint.min_seconds=0",
-      "--config.grid=[{'strategy': ['full', 'partial:k=1']}]", *extra]
+      "--config.grid=[{'strategy': ['full', 'partial:k=1']}]",
+      "--config.selection.enabled=False", *extra]  # final cells only
 
 
 def _runner(tmp_path) -> str:

@@ -2,7 +2,9 @@
 
 A strategy is a list of stages; each stage trains the groups its rules leave trainable,
 above a frozen prefix whose output is computed once per split. Early stopping watches the
-validation split and restores the best epoch's weights; a non-finite loss stops a seed.
+validation split and restores the best epoch's weights; a non-finite loss stops a seed. A
+stage that trains the head alone on cached features is solved to convergence instead, with
+its L2 strength chosen on validation (`solves_probe`, tlresearch.probe): one history record.
 
 S > 1 seeds train either one after another (`programs.Single`, each seed data parallel
 over the local devices when there are several) or together in one vmapped program
