@@ -125,6 +125,7 @@ def _folder_sweep_config(root):
   c.train = tiny_train_cfg(epochs=1)
   c.pretrain.train.epochs = 1
   c.grid = [{"strategy": ["linear_probe", "full"]}]
+  c.selection.enabled = False  # two final cells: the folder pipeline is under test
   return c
 
 

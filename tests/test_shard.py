@@ -128,7 +128,8 @@ def _same_results(root, name, also=()):
 @pytest.mark.slow
 def test_two_tasks_and_merge_equal_one_process(tmp_path, cache, monkeypatch, capsys):
   grid_flag = "--config.grid=[{'strategy': ['linear_probe', 'full', 'scratch']}]"
-  args = lambda tag, *extra: _args(tmp_path, cache, "finetune_sweep", tag, grid_flag, *extra)
+  args = lambda tag, *extra: _args(tmp_path, cache, "finetune_sweep", tag, grid_flag,
+                                   "--config.selection.enabled=False", *extra)
   assert _main(args("single")) == 0
   assert _main(args("shard", "--task_index=0", "--num_tasks=2")) == 0
   out = capsys.readouterr().out
