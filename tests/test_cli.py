@@ -101,6 +101,7 @@ def test_tiny_sweep_end_to_end_writes_tables(tmp_path, capsys):
   assert "20 cells (20 reused)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_experiment_with_selection_probes_and_findings(tmp_path):
   """lp_ft end to end on mock data: selection on validation, probes, findings.md."""
   args = [
