@@ -151,6 +151,7 @@ def test_data_parallel_fit_matches_one_device(runs, name):
   assert got["notes"] == ref["notes"] == []
 
 
+@pytest.mark.slow  # shares the 4-device subprocess with the other slow tests here
 @pytest.mark.parametrize("name", ["full", "partial"])
 def test_the_step_really_runs_split_over_the_devices(runs, name):
   # Inputs replicated over all 4 devices, each convolution sees a quarter of the batch, and

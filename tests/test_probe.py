@@ -85,13 +85,19 @@ def test_fit_solves_the_probe_and_leaves_the_backbone_alone():
   assert out.val["accuracy"] == pytest.approx(out.probe["val_accuracy"])
 
 
-@pytest.mark.parametrize("solver, dropout", [("sgd", 0.0), ("lbfgs", 0.5)])
-def test_sgd_probe_when_asked_or_when_the_objective_is_stochastic(solver, dropout):
-  model, variables, strategy, ds = _setup(dropout_rate=dropout)
-  cfg = tiny_train_cfg(epochs=3, probe_solver=solver)
-  paths = tuple(_flat(variables["params"]))
-  assert not train.solves_probe(model, strategy.stages[0], paths, cfg)
-  out = fit_one(model, variables, strategy, ds, cfg, train.CellKeys.from_seed(0))
+def test_sgd_probe_when_asked_or_when_the_objective_is_stochastic():
+  for solver, dropout, augment in [("sgd", 0.0, False), ("lbfgs", 0.5, False),
+                                   ("lbfgs", 0.0, True)]:
+    model_cfg = tiny_model_cfg(dropout_rate=dropout)
+    model = models.build(model_cfg, 4)
+    cfg = tiny_train_cfg(epochs=3, probe_solver=solver)
+    cfg.augment.enabled = augment
+    stage = strategies.get("linear_probe", model.groups).stages[0]
+    assert not train.solves_probe(model, stage, models.param_paths(model_cfg), cfg), (solver,
+                                                                                       dropout)
+  model, variables, strategy, ds = _setup()
+  out = fit_one(model, variables, strategy, ds, tiny_train_cfg(epochs=3, probe_solver="sgd"),
+                train.CellKeys.from_seed(0))
   assert out.probe is None and len(out.history) == 3 and out.history[0]["lr"] > 0
 
 

@@ -98,6 +98,7 @@ def test_lp_ft_second_stage_starts_from_the_probe_head(dataset):
       assert np.array_equal(v, start[p]), f"{p} moved during the probe"
 
 
+@pytest.mark.slow
 def test_gradual_unfreeze_freezes_below_each_stage(dataset):
   model, variables = _setup()
   strategy = strategies.get("gradual_unfreeze", model.groups)
