@@ -1,8 +1,10 @@
 """Shared fixtures: tiny models and random data, so the suite stays fast and offline."""
 import os
 
-# Quiet TensorFlow's C++ logging (imported by tensorflow_datasets when reading).
+# Quiet TensorFlow's C++ logging where a test reads a TFRecord dataset.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Keras runs on JAX, as tlresearch imports it (models/keras_import.py): no TensorFlow needed.
+os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import ml_collections
 import numpy as np

@@ -142,3 +142,35 @@ def test_experiment_with_selection_probes_and_findings(tmp_path):
   # Two seeds are too few for any verdict.
   assert "Overall verdict: **inconclusive**" in md
   assert (tmp_path / "work" / "selection").is_dir()
+
+
+_NO_TENSORFLOW = """
+import importlib.abc, importlib.machinery, sys
+class NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  # TensorFlow stays findable (libraries may look), but importing it fails.
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] == 'tensorflow':
+      return importlib.machinery.ModuleSpec(name, self)
+  def create_module(self, spec):
+    raise ImportError('tensorflow imported')
+sys.meta_path.insert(0, NoTensorFlow())
+from tlresearch import run
+code = run.main(sys.argv[1:])
+assert 'tensorflow' not in sys.modules, 'tensorflow imported'
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_sweep_builds_and_reads_its_datasets_without_tensorflow(tmp_path):
+  # Real builds (not mocked) into an empty data dir, the backbone pretrained, two strategies
+  # trained and the reports written, in a process where importing TensorFlow fails.
+  args = _tiny_args(tmp_path, "[{'strategy': ['linear_probe', 'full']}]")
+  args = [a for a in args if not a.startswith(("--config.seeds", "--config.targets"))]
+  r = subprocess.run([sys.executable, "-c", _NO_TENSORFLOW, *args,
+                      "--config.seeds=[0]", "--config.targets=['digits']"],
+                     capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                     env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "building dataset digits" in r.stderr and "building dataset glyphs_source" in r.stderr
+  assert (tmp_path / "results" / "finetune_sweep" / "table.md").exists()

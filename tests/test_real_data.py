@@ -1,6 +1,8 @@
 """Real datasets: `folder:PATH` image folders and `tfds:NAME` catalog datasets, end to end."""
+import importlib.abc
 import json
 import os
+import sys
 import time
 
 import ml_collections
@@ -13,6 +15,7 @@ from experiments import finetune_sweep
 from tests.conftest import tiny_train_cfg
 from tlresearch import data as data_lib
 from tlresearch import run, sweep
+from tlresearch.data import tfds_catalog
 from tlresearch.errors import UserError
 
 
@@ -99,7 +102,10 @@ def test_tfds_dataset_not_prepared_fails_fast_saying_how_to_prepare(tmp_path):
   assert not any(tmp_path.iterdir())
 
 
-def test_tfds_catalog_dataset_resized_with_carved_validation(tmp_path):
+@pytest.mark.parametrize("array_record", [True, False], ids=["array_record", "tfrecord"])
+def test_tfds_catalog_dataset_resized_with_carved_validation(tmp_path, monkeypatch,
+                                                             array_record):
+  monkeypatch.setattr(tfds_catalog, "_array_record", lambda builder: array_record)
   with tfds.testing.mock_data(num_examples=40):
     data = data_lib.load("tfds:cifar10", data_dir=str(tmp_path), image_size=48, k_shot=1,
                          seed=0)
@@ -109,6 +115,22 @@ def test_tfds_catalog_dataset_resized_with_carved_validation(tmp_path):
   assert data.train_x.shape[1:] == (48, 48, 3) and len(data.train_y) == 10
   assert len(data.test_y) == 40 and 0 < len(data.val_y) < 40
   assert any("no validation split; carved" in n for n in data.notes)
+
+
+def test_tfrecord_dataset_without_tensorflow_fails_naming_the_extra(tmp_path, monkeypatch):
+  class NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+      if name == "tensorflow":
+        raise ImportError("No module named 'tensorflow'")
+
+  # As on a machine without TensorFlow: not imported, and `import tensorflow` fails.
+  monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+  monkeypatch.setattr(sys, "meta_path", [NoTensorFlow(), *sys.meta_path])
+  monkeypatch.setattr(tfds_catalog, "_array_record", lambda builder: False)
+  with tfds.testing.mock_data(num_examples=8):
+    with pytest.raises(UserError, match=r'tfds:cifar10 is stored as TFRecord, which needs '
+                       r'TensorFlow: pip install -e "\.\[tf\]".*--file_format=array_record'):
+      data_lib.load("tfds:cifar10", data_dir=str(tmp_path))
 
 
 def _read_json(path):

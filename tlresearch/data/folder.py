@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tlresearch.data.images import resize_pil
 from tlresearch.data.splits import DataOptions, assemble
 from tlresearch.errors import UserError
 
@@ -40,7 +41,7 @@ def _decode(path: str, size: int | None):
         img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when that suffices
       img = img.convert("RGB")
       if size is not None:
-        img = img.resize((size, size), Image.BILINEAR, reducing_gap=None)
+        img = resize_pil(img, size)
       return np.asarray(img, np.uint8)
   except Exception:  # noqa: BLE001 - anything Pillow cannot read is "not an image" here
     return None

@@ -35,7 +35,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 # Importing the builder modules registers them with TFDS.
-from tlresearch.data.builders import digits, glyphs
+from tlresearch.data import images
+from tlresearch.data.builders import FILE_FORMAT, digits, glyphs
 from tlresearch.data.splits import DataOptions
 from tlresearch.errors import UserError, choices
 
@@ -93,7 +94,7 @@ def _builder(spec: DatasetSpec, data_dir: str) -> tfds.core.DatasetBuilder:
   # The classes are used directly rather than tfds.builder(name): no registry or community
   # lookups, and the import above is what defines them.
   name, _, config = spec.tfds_name.partition("/")
-  return _BUILDERS[name](data_dir=data_dir, config=config or None)
+  return _BUILDERS[name](data_dir=data_dir, config=config or None, file_format=FILE_FORMAT)
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -107,17 +108,23 @@ def _prepared(builder: tfds.core.DatasetBuilder) -> bool:
   return (builder.data_path / "dataset_info.json").exists()
 
 
+def _older_builds(builder: tfds.core.DatasetBuilder) -> list[str]:
+  """Complete builds of other versions beside this one (e.g. the 1.0.0 TFRecord layout)."""
+  parent = builder.data_path.parent
+  return sorted(str(d) for d in parent.iterdir() if d.name != builder.data_path.name
+                and (d / "dataset_info.json").exists()) if parent.exists() else []
+
+
 def _read_split(builder: tfds.core.DatasetBuilder, split: str):
-  # Unbatched, then batched here: as_dataset(batch_size=-1) batches by the recorded dataset
-  # size, which is unknown under tfds.testing.mock_data (TFDS then reserves sys.maxsize
-  # examples and aborts). No autocache: the split is read once, into numpy.
-  # (ReadConfig is made here because making it imports TensorFlow.)
-  read_config = tfds.ReadConfig(try_autocache=False)
-  ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
-  batches = list(tfds.as_numpy(ds.batch(8192)))
-  images = np.concatenate([b["image"] for b in batches]).astype(np.uint8, copy=False)
-  labels = np.concatenate([b["label"] for b in batches]).astype(np.int32)
-  return _read_only(images), _read_only(labels)
+  # An ArrayRecord data source decodes with numpy alone (no TensorFlow). Read one index at
+  # a time: tfds.testing.mock_data's batched __getitems__ is broken in TFDS 4.9.10.
+  source = builder.as_data_source(split=split)
+  examples = [source[i] for i in range(len(source))]
+  if not examples:
+    return _read_only(np.zeros((0, 0, 0, 3), np.uint8)), _read_only(np.zeros((0,), np.int32))
+  x = np.stack([np.asarray(e["image"], np.uint8) for e in examples])
+  y = np.asarray([e["label"] for e in examples], np.int32)
+  return _read_only(x), _read_only(y)
 
 
 _cache: dict[tuple[str, str], Dataset] = {}
@@ -135,7 +142,10 @@ def _load_full(name: str, data_dir: str) -> Dataset:
     if not mocked and key in _cache:
       return _cache[key]
     if not mocked and not _prepared(builder):
-      print(f"building dataset {name} into {data_dir} (one-time)", file=sys.stderr, flush=True)
+      old = _older_builds(builder)
+      print(f"building dataset {name} into {data_dir} (one-time"
+            + (f"; the older format in {', '.join(old)} is no longer read and may be deleted"
+               if old else "") + ")", file=sys.stderr, flush=True)
       tfds.disable_progress_bar()  # one line above says what happens; no per-split bars
       try:
         builder.download_and_prepare(download_config=_DOWNLOAD_CONFIG)
@@ -213,14 +223,6 @@ def check_name(name: str) -> None:
   raise UserError(f"unknown dataset {name!r}; valid: {choices(DATASETS)}, tfds:NAME, folder:PATH")
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-  import tensorflow as tf  # already imported by tensorflow_datasets to read the splits
-  out = [tf.cast(tf.clip_by_value(tf.round(tf.image.resize(images[i:i + 1024], (size, size),
-                                                           antialias=True)), 0, 255),
-                 tf.uint8).numpy() for i in range(0, len(images), 1024)]
-  return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
-
-
 def _load_resized(name: str, data_dir: str, size: int | None, opts: DataOptions) -> Dataset:
   key = (name, data_dir, size, opts)
   if name.startswith("folder:"):
@@ -233,7 +235,7 @@ def _load_resized(name: str, data_dir: str, size: int | None, opts: DataOptions)
   if name in DATASETS:
     data = _load_full(name, data_dir)
     if size is not None and data.train_x.shape[1:3] != (size, size):
-      data = dataclasses.replace(data, **{k: _read_only(_resize(getattr(data, k), size))
+      data = dataclasses.replace(data, **{k: _read_only(images.resize(getattr(data, k), size))
                                           for k in ("train_x", "val_x", "test_x")})
   else:
     if name.startswith("tfds:"):

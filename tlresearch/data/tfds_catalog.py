@@ -4,8 +4,12 @@ e.g. `tfds:cifar10`, `tfds:oxford_flowers102`, `tfds:imagenet_resized/32x32`).
 Offline first: the dataset must be prepared in the data dir (`tfds build NAME
 --data_dir=DIR`, once, with a network); otherwise loading fails at once, saying so, instead
 of entering TFDS's download retry loop. `data.download=True` lets a run download and
-prepare it. Images are resized (bilinear, antialiased) to the model's input size in tf.data,
-grey images become RGB, and all splits are read into memory as uint8.
+prepare it. Grey images become RGB, images are resized (`tlresearch.data.images`) to the
+model's input size, and all splits are read into memory as uint8.
+
+A dataset prepared as ArrayRecord (`tfds build NAME --file_format=array_record`) is read with
+numpy and Pillow alone; one in TFDS's default TFRecord form needs TensorFlow (the `[tf]`
+extra), and without it loading fails at once saying so.
 
 Under `tfds.testing.mock_data` nothing needs to be prepared; the mocked dataset has
 whatever splits are asked for, so it is read as train + test.
@@ -17,6 +21,7 @@ import difflib
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tlresearch.data import images
 from tlresearch.data.splits import DataOptions, assemble
 from tlresearch.errors import UserError
 
@@ -43,27 +48,57 @@ def _keys(builder, name: str) -> tuple[str, str]:
   return image, label
 
 
-def _read(builder, split: str, image_key: str, label_key: str, size: int | None, name: str):
-  import tensorflow as tf  # tensorflow_datasets already imported it to read the split
+def _tensorflow(name: str, data_dir: str, why: str):
+  try:
+    import tensorflow as tf
+  except ImportError:
+    raise UserError(
+        f"tfds:{name} {why}, which needs TensorFlow: pip install -e \".[tf]\"; or prepare an "
+        f"ArrayRecord copy once where TensorFlow is installed (`tfds build {name} "
+        f"--data_dir={data_dir} --file_format=array_record`), which reads without it") from None
+  return tf
 
-  def example(ex):
-    image = ex[image_key]
-    if image.shape[-1] == 1:
-      image = tf.image.grayscale_to_rgb(image)
-    image = image[..., :3]  # drop an alpha channel
-    if size is not None:
-      image = tf.image.resize(image, (size, size), antialias=True)
-      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    return image, tf.cast(ex[label_key], tf.int32)
 
+def _array_record(builder) -> bool:
+  """Whether the prepared dataset is stored as ArrayRecord (read with numpy and Pillow)."""
+  return builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+
+def _collect(pairs, size, name):
+  """(uint8 [N, H, W, 3], int32 [N]) from (image, label) pairs, each image made RGB and
+  resized as it arrives (a split of large images is never held at full size)."""
+  x, y = [], []
+  for image, label in pairs:
+    image = images.rgb(image)
+    x.append(image if size is None else images.resize([image], size)[0])
+    y.append(label)
+  if size is None and len({i.shape for i in x}) > 1:
+    raise UserError(f"tfds:{name} has images of different sizes: set model.input_size")
+  x = np.stack(x) if x else np.zeros((0, size or 0, size or 0, 3), np.uint8)
+  return x, np.asarray(y, np.int32)
+
+
+def _read_array_record(builder, split, image_key, label_key, size, name):
+  source = builder.as_data_source(split=split)
+
+  # One index at a time (see load._read_split).
+  return _collect(((e[image_key], e[label_key]) for e in map(source.__getitem__,
+                                                               range(len(source)))), size, name)
+
+
+def _read_tfrecord(builder, split, image_key, label_key, size, name, tf):
   read_config = tfds.ReadConfig(try_autocache=False)
   ds = builder.as_dataset(split=split, shuffle_files=False, read_config=read_config)
-  shape = builder.info.features[image_key].shape
-  if size is None and None in shape[:2]:
-    raise UserError(f"tfds:{name} has images of different sizes: set model.input_size")
-  batches = list(tfds.as_numpy(ds.map(example, num_parallel_calls=tf.data.AUTOTUNE).batch(1024)))
-  images = np.concatenate([b[0] for b in batches]).astype(np.uint8, copy=False)
-  return images, np.concatenate([b[1] for b in batches]).astype(np.int32)
+  ds = ds.map(lambda ex: (ex[image_key], ex[label_key]), num_parallel_calls=tf.data.AUTOTUNE)
+  return _collect(tfds.as_numpy(ds), size, name)
+
+
+def _read(builder, split: str, image_key: str, label_key: str, size: int | None, name: str,
+          data_dir: str):
+  if _array_record(builder):
+    return _read_array_record(builder, split, image_key, label_key, size, name)
+  tf = _tensorflow(name, data_dir, "is stored as TFRecord")
+  return _read_tfrecord(builder, split, image_key, label_key, size, name, tf)
 
 
 def load(name: str, data_dir: str, opts: DataOptions, size: int | None, mocked: bool = False):
@@ -76,12 +111,13 @@ def load(name: str, data_dir: str, opts: DataOptions, size: int | None, mocked: 
           f"TFDS dataset '{name}' is not prepared in {data_dir}; prepare it once with "
           f"`tfds build {name} --data_dir={data_dir}` (needs a network, or the manual files "
           f"TFDS names), or set --config.data.download=True to let this run download it")
+    _tensorflow(name, data_dir, "is prepared by TFDS's TensorFlow pipeline")
     builder.download_and_prepare()
   image_key, label_key = _keys(builder, name)
   available = set(builder.info.splits.keys()) or {"train", "test"}
   if "train" not in available:
     raise UserError(f"tfds:{name} has no train split (has {', '.join(sorted(available))})")
-  arrays = {s: _read(builder, s, image_key, label_key, size, name)
+  arrays = {s: _read(builder, s, image_key, label_key, size, name, data_dir)
             for s in ("train", "validation", "test") if s in available}
   splits, notes = assemble(arrays, opts, f"tfds:{name}")
   label = builder.info.features[label_key]

@@ -66,6 +66,9 @@ def imagenet_weights_path(family: str, include_top: bool, input_size: int = 224,
 
 
 def _import_keras():
+  # JAX is Keras's backend here unless the user chose another: the weights load the same,
+  # and the [keras] extra then needs no TensorFlow.
+  os.environ.setdefault("KERAS_BACKEND", "jax")
   try:
     import keras
   except ImportError:

@@ -17,6 +17,7 @@ import functools
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tlresearch.data.builders import FORMAT_VERSION, RELEASE_NOTES
 from tlresearch.errors import UserError, choices
 
 IMAGE_SIZE = 32
@@ -75,15 +76,15 @@ class Digits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn digits at 32x32x3 with a fixed stratified train/validation/test split."""
 
   name = "tlr_digits"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version(FORMAT_VERSION)
+  RELEASE_NOTES = RELEASE_NOTES
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
         description=__doc__.split("\n")[0],
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
+            "image": tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
             "label": tfds.features.ClassLabel(names=[str(d) for d in range(10)]),
         }),
         supervised_keys=("image", "label"),

@@ -49,6 +49,7 @@ from matplotlib import ft2font
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tlresearch.data.builders import FORMAT_VERSION, RELEASE_NOTES
 from tlresearch.errors import UserError, choices
 
 IMAGE_SIZE = 32
@@ -389,8 +390,8 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
   """Rendered glyphs: a source task and four shifted targets (see the module docstring)."""
 
   name = "tlr_glyphs"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  VERSION = tfds.core.Version(FORMAT_VERSION)
+  RELEASE_NOTES = RELEASE_NOTES
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name, description=cfg.description)
                      for name, cfg in CONFIGS.items()]
 
@@ -400,7 +401,7 @@ class Glyphs(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=__doc__.split("\n")[0],
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3)),
+            "image": tfds.features.Tensor(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8),
             "label": tfds.features.ClassLabel(names=list(cfg.class_names)),
         }),
         supervised_keys=("image", "label"),
