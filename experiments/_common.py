@@ -51,6 +51,8 @@ def train(**overrides) -> ml_collections.ConfigDict:
   t.probe_solver = "lbfgs"     # a head trained alone on cached features: lbfgs solves it to
   #                              convergence with its L2 chosen on validation (the literature's
   #                              probe; tlresearch.probe); sgd trains it like any other stage
+  t.compute_dtype = "float32"  # bfloat16: convolutions and matmuls in bf16 (accelerators);
+  #                              params, optimizer state, BatchNorm statistics, loss stay fp32
   t.min_steps = 0              # raise the epoch budget to at least this many optimizer steps
   t.data_parallel = True       # split each batch over all local devices (fewer if the batch
   #                              does not divide by their number); False: one device. Only

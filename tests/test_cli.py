@@ -1,5 +1,6 @@
 """The command line: bad input exits 2 with one line; a tiny sweep writes its tables."""
 import csv
+import json
 import os
 import re
 import subprocess
@@ -174,3 +175,31 @@ def test_sweep_builds_and_reads_its_datasets_without_tensorflow(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert "building dataset digits" in r.stderr and "building dataset glyphs_source" in r.stderr
   assert (tmp_path / "results" / "finetune_sweep" / "table.md").exists()
+
+
+@pytest.mark.slow
+def test_device_check_runs_green_on_the_cpu(tmp_path):
+  out = tmp_path / "check.json"
+  r = subprocess.run([sys.executable, "-m", "tlresearch.device_check", f"--out={out}", "--quick",
+                      "--skip_sweep"], capture_output=True, text=True, timeout=900,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["ok"] and result["environment"]["backend"] == "cpu"
+  for check in ("vmap_vs_loop", "data_parallel", "determinism", "bfloat16"):
+    assert result[check]["ok"], check
+  assert result["data_parallel"]["devices"] == 4  # forced host devices on a one-device machine
+  rates = result["throughput"]["resnet8_32px_batch64"]
+  assert rates["float32"]["images_per_s"] > 0 and rates["bfloat16"]["flops_per_step"] > 0
+  assert result["vmap_seeds"]["seeds_mode_auto"]["picks"] == "loop"
+  assert not result["environment"]["tensorflow_imported"]
+
+
+def test_device_check_bad_arguments_exit_2_with_one_line(tmp_path):
+  for args, message in ([[], "--out=FILE.json is required"],
+                        [["--out=x.json", "--fast"], "unknown argument '--fast'"],
+                        [[f"--out={tmp_path}/no/such/x.json"], "does not exist"]):
+    r = subprocess.run([sys.executable, "-m", "tlresearch.device_check", *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -186,3 +186,21 @@ def test_learning_rate_and_weight_decay_share_one_compiled_step():
   # ... and the values still matter.
   assert out[0.05].history[0]["train_loss"] != out[0.2].history[0]["train_loss"]
   assert out[0.2].history[0]["lr"] > out[0.05].history[0]["lr"]
+
+
+# `full` (BatchNorm in batch mode under bf16) compiles for ~20 s here: slow group.
+@pytest.mark.parametrize("spec", [pytest.param("full", marks=pytest.mark.slow), "partial:k=1"])
+def test_bfloat16_compute_stays_close_to_float32_with_float32_state(dataset, spec):
+  model, variables, strategy = _setup(spec)
+  outs = {dt: fit_one(model, variables, strategy, dataset,
+                      tiny_train_cfg(epochs=2, compute_dtype=dt), train.CellKeys.from_seed(0))
+          for dt in ("float32", "bfloat16")}
+  # Master weights, BatchNorm statistics and cached features stay float32 ...
+  for v in _flat(outs["bfloat16"].variables).values():
+    assert v.dtype == np.float32
+  assert outs["bfloat16"].cached_prefix is (spec != "full")
+  # ... and a bf16 epoch tracks the fp32 one (bf16 keeps ~3 significant digits).
+  a, b = ([h[k] for h in outs[dt].history for k in ("train_loss", "val_loss")]
+          for dt in ("float32", "bfloat16"))
+  np.testing.assert_allclose(b, a, rtol=0.05)
+  assert a != b, "bf16 gave fp32's bits: the cast did not happen"

@@ -36,7 +36,8 @@ IDENTITY_FIELDS = ("target", "seed", "k_shot", "class_subset", "data_dir", "data
 def identity(config) -> dict:
   """What decides a cell's result (a ConfigDict or a saved config dict): its fields, and
   the identity of the pretrained backbone it starts from."""
-  out = configs.pick(config, IDENTITY_FIELDS, IDENTITY_VERSION)
+  out = configs.pick(config, IDENTITY_FIELDS, IDENTITY_VERSION,
+                     {f"train.{k}": v for k, v in train.IDENTITY_DEFAULTS.items()})
   try:
     out["pretrain"] = pretrain.identity(configs.get_path(config, "pretrain"),
                                         configs.get_path(config, "model"))

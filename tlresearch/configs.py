@@ -43,15 +43,24 @@ def _plain(value):
   return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
 
 
-def pick(config, fields: tuple[str, ...], version: int) -> dict:
+def pick(config, fields: tuple[str, ...], version: int, defaults: dict | None = None) -> dict:
   """{'version': version, field: value} for each dotted field of `config` (a ConfigDict or
-  its dict); a field the config lacks gets MISSING."""
+  its dict); a field the config lacks gets MISSING. A field of `defaults` ({dotted: value})
+  is left out while it is absent or at that value: a field added later then leaves every
+  earlier identity as it was, and counts as soon as it is set to anything else."""
   out = {"version": version}
   for dotted in fields:
     try:
       out[dotted] = _plain(get_path(config, dotted))
     except UserError:
       out[dotted] = MISSING
+  for dotted, value in (defaults or {}).items():
+    try:
+      got = _plain(get_path(config, dotted))
+    except UserError:
+      continue
+    if got != value:
+      out[dotted] = got
   return out
 
 

@@ -47,7 +47,8 @@ def identity(pretrain_cfg, model_cfg=None) -> dict:
   """What decides the pretrained weights: the pretraining fields (with `model_cfg`'s
   architecture, when given)."""
   pcfg = pretrain_cfg if model_cfg is None else for_model(pretrain_cfg, model_cfg)
-  return configs.pick(pcfg, IDENTITY_FIELDS, IDENTITY_VERSION)
+  return configs.pick(pcfg, IDENTITY_FIELDS, IDENTITY_VERSION,
+                      {f"train.{k}": v for k, v in train.IDENTITY_DEFAULTS.items()})
 
 
 def cache_key(pcfg) -> str:

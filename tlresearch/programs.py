@@ -71,6 +71,7 @@ class StepSpec:
   penalty: tuple = ()              # the stage's loss penalty (tlresearch.penalty), if any
   mesh: Any = None                 # data-parallel jax.sharding.Mesh; None: one device
   frozen_prefix: tuple = ()        # the groups below the first trainable one
+  compute_dtype: str = "float32"   # of convolutions and matmuls (`in_compute_dtype`)
 
   def lr_schedule(self, peak_lr):
     # The shape is built for a peak of 1 and scaled: optax's schedule branches on its peak
@@ -93,6 +94,7 @@ class EvalSpec:
   start: str | None = None  # None: the model's first group
   stop: str | None = None   # None: its last
   mesh: Any = None          # data-parallel jax.sharding.Mesh (chunks split over it); None
+  compute_dtype: str = "float32"
 
 
 def step_inputs(peak_lr: float, weight_decay: float, anchor: dict | None = None) -> dict:
@@ -133,11 +135,26 @@ def _init_opt_state(spec: StepSpec, params, inputs):
   return parallel.constrain_replicated(spec.tx(params, inputs).init(params), spec.mesh)
 
 
+def in_compute_dtype(params, x, dtype: str):
+  """Mixed precision: the float params and input cast to `dtype` for one forward pass.
+
+  The float32 params stay the optimizer's master copy (the cast's gradient is float32);
+  BatchNorm statistics are not cast, and Flax computes batch statistics in float32. A
+  model's output is cast back to float32 by the caller, so losses and cached features are
+  float32."""
+  if dtype == "float32":
+    return params, x
+  cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+  return jax.tree.map(cast, params), cast(x)
+
+
 def _loss_and_logits(spec, params, batch_stats, x, y, dropout_key):
+  params, x = in_compute_dtype(params, x, spec.compute_dtype)
   variables = {"params": params, "batch_stats": batch_stats}
   logits, updates = spec.model.apply(variables, x, rngs={"dropout": dropout_key},
                                      mutable=["batch_stats"], train=True,
                                      frozen_bn=spec.frozen_bn, start=spec.start)
+  logits = logits.astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
   return loss, (logits, updates.get("batch_stats", {}))
 
@@ -218,7 +235,10 @@ def _forward_chunks(spec: EvalSpec, variables, x):
     xb = parallel.shard_batch(xb, spec.mesh)
     if start == groups[0]:
       xb = preprocess(xb, spec.model)
-    return spec.model.apply(variables, xb, train=False, start=start, stop=stop)
+    params, xb = in_compute_dtype(variables["params"], xb, spec.compute_dtype)
+    out = spec.model.apply({**variables, "params": params}, xb, train=False, start=start,
+                           stop=stop)
+    return out.astype(jnp.float32)
 
   out = jax.lax.map(one, xs)
   return parallel.constrain_replicated(out.reshape((-1,) + out.shape[2:])[:n], spec.mesh)
@@ -309,16 +329,18 @@ def train_epoch(spec: StepSpec, state, x, y, order_key, dropout_key, aug_key, in
                  "step_losses": losses}
 
 
-def prefix_outputs(model, variables, x, stop: str, mesh=None):
+def prefix_outputs(model, variables, x, stop: str, mesh=None, compute_dtype="float32"):
   """Output of the frozen groups first..stop (inference mode): the cached training input.
   With a mesh, `variables` and `x` must be replicated over it (so is the output)."""
-  return _forward_chunks_jit(EvalSpec(model, None, stop, mesh), variables, x)
+  return _forward_chunks_jit(EvalSpec(model, None, stop, mesh, compute_dtype), variables, x)
 
 
-def evaluate(model, variables, x, y, start: str | None = None, mesh=None):
+def evaluate(model, variables, x, y, start: str | None = None, mesh=None,
+             compute_dtype="float32"):
   """({'loss', 'accuracy'} as floats, predictions) of the whole model on (x, y). With a
   mesh, the arrays must be replicated over it."""
-  metrics, pred = _evaluate_jit(EvalSpec(model, start, mesh=mesh), variables, x, y)
+  metrics, pred = _evaluate_jit(EvalSpec(model, start, mesh=mesh, compute_dtype=compute_dtype),
+                                variables, x, y)
   return {k: float(v) for k, v in metrics.items()}, np.asarray(pred)
 
 
@@ -331,8 +353,9 @@ class Single:
   training loop reads both alike."""
   size = 1
 
-  def __init__(self, mesh=None):
+  def __init__(self, mesh=None, compute_dtype: str = "float32"):
     self.mesh = mesh
+    self.compute_dtype = compute_dtype
 
   def stack(self, trees):
     (tree,) = trees
@@ -359,10 +382,12 @@ class Single:
                    "step_losses": np.asarray(m["step_losses"])[:, None]}
 
   def prefix_outputs(self, model, variables, x, stop):
-    return prefix_outputs(model, variables, x, stop, self.mesh)
+    return prefix_outputs(model, variables, x, stop, self.mesh, self.compute_dtype)
 
   def evaluate(self, model, variables, x, y, start):
-    metrics, pred = _evaluate_jit(EvalSpec(model, start, mesh=self.mesh), variables, x, y)
+    metrics, pred = _evaluate_jit(EvalSpec(model, start, mesh=self.mesh,
+                                           compute_dtype=self.compute_dtype),
+                                  variables, x, y)
     return {k: np.asarray(v)[None] for k, v in jax.device_get(metrics).items()}, \
         np.asarray(pred)[None]
 
@@ -376,8 +401,9 @@ class Stacked:
   what it keeps is exactly what a run of its own would keep."""
   mesh = None
 
-  def __init__(self, size: int):
+  def __init__(self, size: int, compute_dtype: str = "float32"):
     self.size = size
+    self.compute_dtype = compute_dtype
 
   def stack(self, trees):
     return jax.tree.map(lambda *a: jnp.stack([jnp.asarray(x) for x in a]), *trees)
@@ -415,10 +441,12 @@ class Stacked:
                                   "step_losses": losses})
 
   def prefix_outputs(self, model, variables, x, stop):
-    return _seeds_forward_chunks(EvalSpec(model, None, stop), variables, x)
+    return _seeds_forward_chunks(EvalSpec(model, None, stop, None, self.compute_dtype),
+                                 variables, x)
 
   def evaluate(self, model, variables, x, y, start):
-    metrics, pred = _seeds_evaluate(EvalSpec(model, start), variables, x, y)
+    metrics, pred = _seeds_evaluate(EvalSpec(model, start, compute_dtype=self.compute_dtype),
+                                    variables, x, y)
     return jax.device_get(metrics), np.asarray(pred)
 
   def select(self, flags, new, old):

@@ -38,6 +38,10 @@ MONITORS = ("val_accuracy", "val_loss")
 IDENTITY_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "warmup_epochs", "weight_decay",
                    "momentum", "cache_frozen_prefix", "min_steps", "bn_stats", "augment",
                    "early_stopping")
+# Keys added after results existed: part of an identity only away from their default, so a
+# result trained before they existed keeps its identity (`configs.pick`).
+IDENTITY_DEFAULTS = {"compute_dtype": "float32"}
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def check(cfg) -> None:
@@ -61,6 +65,9 @@ def check(cfg) -> None:
        f"train.seeds_mode must be one of {choices(SEEDS_MODES)}, got '{cfg.seeds_mode}'"),
       (cfg.probe_solver in probe.SOLVERS,
        f"train.probe_solver must be one of {choices(probe.SOLVERS)}, got '{cfg.probe_solver}'"),
+      (cfg.compute_dtype in COMPUTE_DTYPES,
+       f"train.compute_dtype must be one of {choices(COMPUTE_DTYPES)}, got "
+       f"'{cfg.compute_dtype}'"),
   ]
   for ok, message in rules:
     if not ok:
@@ -167,7 +174,7 @@ def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,
       momentum=float(cfg.momentum), start=start, frozen_bn=frozen_bn,
       augment=aug if start == groups[0] else None, batch_size=batch_size,
       steps_per_epoch=steps, penalty=tuple(stage.penalty), frozen_prefix=tuple(groups[:first]),
-      mesh=mesh)
+      mesh=mesh, compute_dtype=cfg.compute_dtype)
   inputs = programs.step_inputs(float(cfg.lr),
                                 float(cfg.weight_decay) if stage.weight_decay else 0.0,
                                 penalty.anchor(stage, flat_params, rule_by_path))
@@ -201,7 +208,8 @@ def fit(model, starts, strategy, datas, cfg, keys, checkpointer=None,
   shapes = {tuple(np.shape(getattr(d, s)) for s in SPLITS) for d in datas}
   if len(datas) > 1 and seeds_mode(cfg) == "vmap":
     if len(shapes) == 1:
-      return _fit_resuming(programs.Stacked(len(datas)), model, starts, strategy, datas, cfg,
+      return _fit_resuming(programs.Stacked(len(datas), cfg.compute_dtype), model, starts,
+                           strategy, datas, cfg,
                            keys, indices, checkpointer, on_epoch)
     log.info("training %d seeds one by one: their splits differ in size", len(datas))
   out = []
@@ -210,7 +218,7 @@ def fit(model, starts, strategy, datas, cfg, keys, checkpointer=None,
                                     bool(cfg.data_parallel))
     if mesh is not None:
       log.info("data parallel over %d devices", mesh.size)
-    lanes = programs.Single(mesh)
+    lanes = programs.Single(mesh, cfg.compute_dtype)
     out += _fit_resuming(lanes, model, [starts[i]], strategy, [datas[i]], cfg, [keys[i]], [i],
                          checkpointer, on_epoch, [note] if note else [])
   return out
