@@ -194,3 +194,17 @@ def test_mock_data_builds_nothing(tmp_path, digits_dir):
   assert not any(tmp_path.iterdir())
   assert len(load("digits", data_dir=digits_dir).train_y) == 1078  # real data afterwards
   assert ("digits", str(tmp_path)) not in load_module._cache
+
+
+def test_a_data_dir_with_the_older_tfrecord_build_is_rebuilt_once_saying_so(tmp_path, capsys):
+  old = tmp_path / "tlr_digits" / "1.0.0"
+  old.mkdir(parents=True)
+  (old / "dataset_info.json").write_text("{}")  # a complete build of the old format
+  data = load("digits", data_dir=str(tmp_path))
+  err = capsys.readouterr().err
+  assert f"building dataset digits into {tmp_path}" in err
+  assert f"the older format in {old} is no longer read and may be deleted" in err
+  assert len(data.train_y) == 1078 and (tmp_path / "tlr_digits" / "2.0.0").is_dir()
+  load_module._cache.clear()
+  assert len(load("digits", data_dir=str(tmp_path)).train_y) == 1078
+  assert "building" not in capsys.readouterr().err  # built once

@@ -1,5 +1,6 @@
 """The decisive properties of training: frozen means frozen, and free."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,20 @@ def test_bfloat16_compute_stays_close_to_float32_with_float32_state(dataset, spe
           for dt in ("float32", "bfloat16"))
   np.testing.assert_allclose(b, a, rtol=0.05)
   assert a != b, "bf16 gave fp32's bits: the cast did not happen"
+
+
+def test_compute_dtype_counts_in_identities_only_away_from_float32():
+  from experiments import finetune_sweep
+  from tlresearch import cell, grid, pretrain
+  cfg = grid.expand(finetune_sweep.get_config())[0].config
+  saved = cfg.to_dict()  # as a config saved before the key existed
+  del saved["train"]["compute_dtype"]
+  del saved["pretrain"]["train"]["compute_dtype"]
+  assert cell.identity(saved) == cell.identity(cfg)
+  assert "compute_dtype" not in json.dumps(cell.identity(cfg))
+  bf16 = cfg.to_dict()
+  bf16["train"]["compute_dtype"] = "bfloat16"
+  assert cell.fingerprint(bf16) != cell.fingerprint(cfg)
+  bf16["pretrain"]["train"]["compute_dtype"] = "bfloat16"
+  assert pretrain.identity(bf16["pretrain"], bf16["model"]) != \
+      pretrain.identity(saved["pretrain"], saved["model"])

@@ -69,21 +69,21 @@ def _collect(pairs, size, name):
   resized as it arrives (a split of large images is never held at full size)."""
   x, y = [], []
   for image, label in pairs:
+    if np.asarray(image).dtype != np.uint8:
+      raise UserError(f"tfds:{name} has {np.asarray(image).dtype} images; only 8-bit images "
+                      "are supported")
     image = images.rgb(image)
     x.append(image if size is None else images.resize([image], size)[0])
     y.append(label)
-  if size is None and len({i.shape for i in x}) > 1:
-    raise UserError(f"tfds:{name} has images of different sizes: set model.input_size")
   x = np.stack(x) if x else np.zeros((0, size or 0, size or 0, 3), np.uint8)
   return x, np.asarray(y, np.int32)
 
 
 def _read_array_record(builder, split, image_key, label_key, size, name):
   source = builder.as_data_source(split=split)
-
   # One index at a time (see load._read_split).
-  return _collect(((e[image_key], e[label_key]) for e in map(source.__getitem__,
-                                                               range(len(source)))), size, name)
+  pairs = ((e[image_key], e[label_key]) for e in map(source.__getitem__, range(len(source))))
+  return _collect(pairs, size, name)
 
 
 def _read_tfrecord(builder, split, image_key, label_key, size, name, tf):
@@ -95,6 +95,8 @@ def _read_tfrecord(builder, split, image_key, label_key, size, name, tf):
 
 def _read(builder, split: str, image_key: str, label_key: str, size: int | None, name: str,
           data_dir: str):
+  if size is None and None in builder.info.features[image_key].shape[:2]:
+    raise UserError(f"tfds:{name} has images of different sizes: set model.input_size")
   if _array_record(builder):
     return _read_array_record(builder, split, image_key, label_key, size, name)
   tf = _tensorflow(name, data_dir, "is stored as TFRecord")
