@@ -7,25 +7,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import ml_collections
-import numpy as np
 import pytest
 
 from experiments import _common
-from tlresearch.data import Dataset
+from tlresearch.data import synthetic
 
 
 def make_dataset(n_train=48, n_val=16, n_test=16, classes=4, seed=0, size=16):
   """Learnable random data: each class has its own mean image plus noise."""
-  rng = np.random.default_rng(seed)
-  protos = rng.integers(0, 256, (classes, size, size, 3))
-
-  def split(n):
-    y = np.arange(n) % classes
-    x = np.clip(protos[y] + rng.normal(0, 40, (n, size, size, 3)), 0, 255).astype(np.uint8)
-    return x, y.astype(np.int32)
-
-  (a, b), (c, d), (e, f) = split(n_train), split(n_val), split(n_test)
-  return Dataset("fake", a, b, c, d, e, f, classes, tuple(str(i) for i in range(classes)))
+  return synthetic.class_means(n_train, n_val, n_test, classes, seed, size)
 
 
 @pytest.fixture

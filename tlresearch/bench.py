@@ -312,15 +312,6 @@ def main(argv: list[str]) -> int:
   return 0
 
 
-def cli() -> None:
-  from tlresearch.errors import UserError
-  try:
-    code = main(sys.argv[1:])
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    code = 2
-  sys.exit(code)
-
-
 if __name__ == "__main__":
-  cli()
+  from tlresearch.errors import exit_with
+  exit_with(main)

@@ -70,20 +70,9 @@ def _parse(argv: list[str]) -> dict:
 
 # ---------------------------------------------------------------- small fits
 
-def _dataset(n_train: int, size: int = 16, classes: int = 4, seed: int = 0):
-  """A learnable random task: a mean image per class plus noise."""
-  import numpy as np
-  from tlresearch.data import Dataset
-  rng = np.random.default_rng(seed)
-  protos = rng.integers(0, 256, (classes, size, size, 3))
-
-  def split(n):
-    y = np.arange(n) % classes
-    x = np.clip(protos[y] + rng.normal(0, 40, (n, size, size, 3)), 0, 255).astype(np.uint8)
-    return x, y.astype(np.int32)
-
-  return Dataset("check", *split(n_train), *split(64), *split(64), classes,
-                 tuple(str(c) for c in range(classes)))
+def _dataset(n_train: int, seed: int = 0):
+  from tlresearch.data import synthetic
+  return synthetic.class_means(n_train, 64, 64, seed=seed, name="check")
 
 
 def _fit(quick: bool, seeds: int = 1, strategy: str = "full", **train_kw):
@@ -326,15 +315,6 @@ def main(argv: list[str]) -> int:
   return 0 if result["ok"] else 1
 
 
-def cli() -> None:
-  from tlresearch.errors import UserError
-  try:
-    code = main(sys.argv[1:])
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    code = 2
-  sys.exit(code)
-
-
 if __name__ == "__main__":
-  cli()
+  from tlresearch.errors import exit_with
+  exit_with(main)

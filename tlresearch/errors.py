@@ -1,4 +1,5 @@
 """The one exception type the command line turns into a one-line message and exit status 2."""
+import sys
 
 
 class UserError(Exception):
@@ -11,3 +12,14 @@ class UserError(Exception):
 
 def choices(names) -> str:
   return ", ".join(sorted(str(n) for n in names))
+
+
+def exit_with(main) -> None:
+  """Exits with `main(sys.argv[1:])`'s status, or 2 after one `error:` line for a UserError
+  (the small command-line tools; `tlresearch.run` adds logging and interrupts)."""
+  try:
+    code = main(sys.argv[1:])
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    code = 2
+  sys.exit(code)
