@@ -159,7 +159,9 @@ def _subprocess(task: str, quick: bool, env: dict) -> dict:
   code = (f"from tlresearch import device_check; "
           f"device_check._worker({task!r}, {quick!r})")
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                        cwd=_ROOT, env={**os.environ, "PYTHONPATH": _ROOT, **env}, check=False)
+                        cwd=_ROOT, env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(
+                            p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)},
+                        check=False)
   if proc.returncode != 0:
     raise RuntimeError(f"{task} worker failed:\n{proc.stderr[-2000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])

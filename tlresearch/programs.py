@@ -135,21 +135,22 @@ def _init_opt_state(spec: StepSpec, params, inputs):
   return parallel.constrain_replicated(spec.tx(params, inputs).init(params), spec.mesh)
 
 
-def in_compute_dtype(params, x, dtype: str):
-  """Mixed precision: the float params and input cast to `dtype` for one forward pass.
+def in_compute_dtype(tree, dtype: str):
+  """Mixed precision: the float leaves of `tree` (params, an input batch) cast to `dtype` for
+  one forward pass.
 
   The float32 params stay the optimizer's master copy (the cast's gradient is float32);
   BatchNorm statistics are not cast, and Flax computes batch statistics in float32. A
   model's output is cast back to float32 by the caller, so losses and cached features are
   float32."""
   if dtype == "float32":
-    return params, x
-  cast = lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-  return jax.tree.map(cast, params), cast(x)
+    return tree
+  return jax.tree.map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
 def _loss_and_logits(spec, params, batch_stats, x, y, dropout_key):
-  params, x = in_compute_dtype(params, x, spec.compute_dtype)
+  params, x = in_compute_dtype((params, x), spec.compute_dtype)
   variables = {"params": params, "batch_stats": batch_stats}
   logits, updates = spec.model.apply(variables, x, rngs={"dropout": dropout_key},
                                      mutable=["batch_stats"], train=True,
@@ -230,15 +231,16 @@ def _forward_chunks(spec: EvalSpec, variables, x):
   xs = parallel.shard_batch(xs.reshape((-1, chunk) + x.shape[1:]), spec.mesh, axis=1)
   groups = spec.model.groups
   start, stop = spec.start or groups[0], spec.stop or groups[-1]
+  # The params are cast once, outside the loop over chunks.
+  variables = {**variables, "params": in_compute_dtype(variables["params"], spec.compute_dtype)}
 
   def one(xb):
     xb = parallel.shard_batch(xb, spec.mesh)
     if start == groups[0]:
       xb = preprocess(xb, spec.model)
-    params, xb = in_compute_dtype(variables["params"], xb, spec.compute_dtype)
-    out = spec.model.apply({**variables, "params": params}, xb, train=False, start=start,
-                           stop=stop)
-    return out.astype(jnp.float32)
+    xb = in_compute_dtype(xb, spec.compute_dtype)
+    return spec.model.apply(variables, xb, train=False, start=start,
+                            stop=stop).astype(jnp.float32)
 
   out = jax.lax.map(one, xs)
   return parallel.constrain_replicated(out.reshape((-1,) + out.shape[2:])[:n], spec.mesh)

@@ -209,8 +209,7 @@ def fit(model, starts, strategy, datas, cfg, keys, checkpointer=None,
   if len(datas) > 1 and seeds_mode(cfg) == "vmap":
     if len(shapes) == 1:
       return _fit_resuming(programs.Stacked(len(datas), cfg.compute_dtype), model, starts,
-                           strategy, datas, cfg,
-                           keys, indices, checkpointer, on_epoch)
+                           strategy, datas, cfg, keys, indices, checkpointer, on_epoch)
     log.info("training %d seeds one by one: their splits differ in size", len(datas))
   out = []
   for i in indices:

@@ -16,8 +16,6 @@ def rgb(image: np.ndarray) -> np.ndarray:
   """uint8 [H, W, 3] from a decoded [H, W], [H, W, 1] (grey), [H, W, 3] or [H, W, 4] (alpha
   dropped) image."""
   image = np.asarray(image)
-  if image.dtype != np.uint8:
-    raise ValueError(f"expected 8-bit images, got {image.dtype}")
   if image.ndim == 2:
     image = image[..., None]
   if image.shape[-1] == 1:

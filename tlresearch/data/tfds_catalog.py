@@ -69,9 +69,9 @@ def _collect(pairs, size, name):
   resized as it arrives (a split of large images is never held at full size)."""
   x, y = [], []
   for image, label in pairs:
-    if np.asarray(image).dtype != np.uint8:
-      raise UserError(f"tfds:{name} has {np.asarray(image).dtype} images; only 8-bit images "
-                      "are supported")
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+      raise UserError(f"tfds:{name} has {image.dtype} images; only 8-bit images are supported")
     image = images.rgb(image)
     x.append(image if size is None else images.resize([image], size)[0])
     y.append(label)
