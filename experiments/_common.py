@@ -161,5 +161,10 @@ def sweep(**overrides) -> ml_collections.ConfigDict:
   c.report = report()          # table labels, reference row, metrics
   c.report.metrics = ["test_accuracy", "test_macro_f1"]  # tables (tlresearch.report.METRIC_NAMES)
   c.checkpoint = checkpoint()  # per-cell progress saves, for kill and resume (operational)
+  # Processes that train cells at once (tlresearch.workers). 0 = auto: one per core on a CPU
+  # backend when there are >= 16 seed groups per worker to train, else this process alone (and
+  # always on GPU/TPU, where train.seeds_mode / data_parallel use the device); N: exactly N.
+  # Operational: a cell's result is bitwise the same for any value.
+  c.workers = 0
   c.update(overrides)
   return c

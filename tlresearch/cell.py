@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 
 from tlresearch import checkpoint, configs, io, models, optim, probes, programs, strategies
 from tlresearch import data as data_lib
-from tlresearch import pretrain, train
+from tlresearch import pretrain, timing, train
 from tlresearch.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -146,30 +146,55 @@ def run(cells, cell_dirs, pretrained: dict | None) -> list[dict]:
   t0 = time.perf_counter()
   cfgs = [c.config for c in cells]
   with programs.compile_clock() as clock:
-    for c, cell_dir in zip(cells, cell_dirs):
-      io.write_json(os.path.join(cell_dir, "config.json"),
-                    {"cell_id": c.id, "axes": c.axes, "config": c.config.to_dict()})
-    datas = [data_lib.load_for(cfg) for cfg in cfgs]
-    data_reports = [data_lib.report(ds) for ds in datas]  # skipped files, carved splits
-    model = models.build(cfgs[0].model, datas[0].num_classes)  # one module for every seed
-    strategy = strategies.get(cfgs[0].strategy, model.groups)
-    keys = [train.CellKeys.from_seed(cfg.seed) for cfg in cfgs]
-    starts = [_start_variables(cfg, model, strategy, k, ds, pretrained)
-              for cfg, k, ds in zip(cfgs, keys, datas)]
+    with timing.phase("files"):
+      for c, cell_dir in zip(cells, cell_dirs):
+        io.write_json(os.path.join(cell_dir, "config.json"),
+                      {"cell_id": c.id, "axes": c.axes, "config": c.config.to_dict()})
+    with timing.phase("data"):
+      datas = [data_lib.load_for(cfg) for cfg in cfgs]
+      data_reports = [data_lib.report(ds) for ds in datas]  # skipped files, carved splits
+    with timing.phase("init"):
+      model = models.build(cfgs[0].model, datas[0].num_classes)  # one module for every seed
+      strategy = strategies.get(cfgs[0].strategy, model.groups)
+      keys = [train.CellKeys.from_seed(cfg.seed) for cfg in cfgs]
+      starts = [_start_variables(cfg, model, strategy, k, ds, pretrained)
+                for cfg, k, ds in zip(cfgs, keys, datas)]
     checkpointer = _checkpointer(cfgs, cell_dirs) if cfgs[0].checkpoint.enabled else None
     results = train.fit(model, starts, strategy, datas, cfgs[0].train, keys,
                         checkpointer=checkpointer)
-    finals = [final_record(c, ds, rep, model, strategy, v, r)
-              for c, ds, rep, v, r in zip(cells, datas, data_reports, starts, results)]
+    with timing.phase("record"):
+      finals = [final_record(c, ds, rep, model, strategy, v, r)
+                for c, ds, rep, v, r in zip(cells, datas, data_reports, starts, results)]
   share = {"compile_seconds": clock.seconds / len(cells),
            "wall_seconds": (time.perf_counter() - t0) / len(cells)}
-  for cell_dir, result, final in zip(cell_dirs, results, finals):
-    final.update(share)
-    io.write_jsonl(os.path.join(cell_dir, "metrics.jsonl"), result.history)
-    io.write_json(os.path.join(cell_dir, "final.json"), final)
-  for cell_dir in cell_dirs:  # final.json is each cell's record from now on
-    checkpoint.Rolling(os.path.join(cell_dir, "checkpoints")).clear()
+  with timing.phase("files"):
+    for cell_dir, result, final in zip(cell_dirs, results, finals):
+      final.update(share)
+      io.write_jsonl(os.path.join(cell_dir, "metrics.jsonl"), result.history)
+      io.write_json(os.path.join(cell_dir, "final.json"), final)
+    for cell_dir in cell_dirs:  # final.json is each cell's record from now on
+      checkpoint.Rolling(os.path.join(cell_dir, "checkpoints")).clear()
   return finals
+
+
+class Backbones:
+  """cfg -> the pretrained variables it starts from, each backbone loaded (or pretrained and
+  cached) once per process."""
+
+  def __init__(self):
+    self._loaded = {}
+
+  def __call__(self, cfg) -> dict:
+    key = models.pretrained_key(cfg.model)  # e.g. keras:imagenet weights, or None
+    if key is not None:
+      if key not in self._loaded:
+        self._loaded[key] = models.load_pretrained(cfg.model)
+      return self._loaded[key]
+    pcfg = pretrain.for_model(cfg.pretrain, cfg.model)
+    key = pretrain.cache_key(pcfg)
+    if key not in self._loaded:
+      self._loaded[key] = pretrain.get_or_build(pcfg, cfg.cache_dir or None)[0]
+    return self._loaded[key]
 
 
 def _checkpointer(cfgs, cell_dirs):

@@ -173,10 +173,13 @@ def main(argv: list[str]) -> int:
   if merge:
     sweep.merge_grid(config, name, workdir, results_dir, findings=findings, command=command)
   else:
-    sweep.run_grid(config, name, workdir, results_dir, overwrite,
-                   progress=flags.get("no_progress", "false").lower() not in ("1", "true"),
-                   findings=findings, command=command, task_index=task_index,
-                   num_tasks=num_tasks)
+    summary = sweep.run_grid(config, name, workdir, results_dir, overwrite,
+                             progress=flags.get("no_progress", "false").lower() not in ("1", "true"),
+                             findings=findings, command=command, task_index=task_index,
+                             num_tasks=num_tasks)
+    if os.environ.get("TLRESEARCH_TIMINGS"):  # python -m tlresearch.bench reads the breakdown
+      from tlresearch import io
+      io.write_json(os.environ["TLRESEARCH_TIMINGS"], summary)
   return 0
 
 

@@ -7,6 +7,7 @@ build the results folder with `write_results` from the cells' final.json records
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -17,8 +18,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tlresearch import cell as cell_lib
 from tlresearch import findings as findings_lib
-from tlresearch import grid, io, models, pretrain, report, selection, strategies
-from tlresearch import train
+from tlresearch import data as data_lib
+from tlresearch import grid, io, models, pretrain, programs, report, selection, strategies
+from tlresearch import timing, train, workers
 from tlresearch.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -26,10 +28,8 @@ log = logging.getLogger(__name__)
 
 def enable_compile_cache(cache_dir: str | None) -> str:
   """JAX's persistent compilation cache in the project cache: a rerun compiles ~nothing."""
-  import jax
   path = os.path.join(cache_dir or pretrain.default_cache_dir(), "jax_compilation_cache")
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  programs.use_compile_cache(path)
   return path
 
 
@@ -45,33 +45,51 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   writes no tables: `merge_grid` builds them once every task has finished.
   """
   t0 = time.perf_counter()
+  timing.reset()
   grid.check_task(task_index, num_tasks)
   if overwrite and num_tasks > 1:
     raise UserError("--overwrite cannot be used with --num_tasks > 1: it would delete the other "
                     "tasks' cells; clear the workdir once before launching the tasks instead")
   cells = grid.expand(config)
   sel_cells = selection.first_round(config, cells)
-  # every bad value and every bad dataset fails here, before training (in every task alike)
-  cell_lib.check_all(cells + sel_cells)
-  with _workdir_lock(workdir, task_index, num_tasks):
-    enable_compile_cache(config.cache_dir or None)
-    if overwrite:
-      _clear_workdir(workdir)
-    if num_tasks > 1:
-      return _run_task(config, cells, name, workdir, progress, task_index, num_tasks, t0)
-    finals, outcome, reused = train_cells(config, cells, name, workdir, progress)
-    paths = write_results(config, name, results_dir, finals, outcome, findings, command)
+  mine = cells if num_tasks == 1 else grid.shard(cells, task_index, num_tasks)
+  workers.check(config.workers)
+  enable_compile_cache(config.cache_dir or None)
+  with CellRunner(config, progress) as runner:
+    # Worker processes start while this one checks: their imports overlap the checks.
+    runner.start_workers(_unfinished(mine, selection.first_round(config, mine), workdir,
+                                     overwrite))
+    # every bad value and every bad dataset fails here, before training (in every task alike)
+    with timing.phase("check"):
+      cell_lib.check_all(cells + sel_cells)
+    with _workdir_lock(workdir, task_index, num_tasks):
+      if overwrite:
+        _clear_workdir(workdir)
+      if num_tasks > 1:
+        return _run_task(config, cells, mine, name, workdir, runner, task_index, num_tasks, t0)
+      finals, outcome, reused = train_cells(config, cells, name, workdir, runner)
+      runner.close()
+      with timing.phase("report"):
+        paths = write_results(config, name, results_dir, finals, outcome, findings, command)
   seconds = time.perf_counter() - t0
   print(f"{name}: {len(cells)} cells ({reused} reused) in {seconds:.0f}s; wrote "
         + ", ".join(paths))
-  return {"cells": len(cells), "reused": reused, "seconds": seconds, "outputs": paths}
+  return {"cells": len(cells), "reused": reused, "seconds": seconds, "outputs": paths,
+          "workers": runner.workers, "phases": timing.snapshot()}
 
 
-def _run_task(config, cells, name, workdir, progress, task_index, num_tasks, t0) -> dict:
+def _unfinished(cells, sel_cells, workdir: str, overwrite: bool) -> int:
+  """How many of these final and first-round selection cells have no final.json yet."""
+  if overwrite:
+    return len(cells) + len(sel_cells)
+  return sum(f is None for f in _read_finals(cells, workdir)
+             + _read_finals(sel_cells, _selection_dir(workdir)))
+
+
+def _run_task(config, cells, mine, name, workdir, runner, task_index, num_tasks, t0) -> dict:
   """One task of a sharded grid: its configurations' cells, no tables."""
-  mine = grid.shard(cells, task_index, num_tasks)
   # Selection runs for this task's configurations only: exactly the cells they need.
-  _, outcome, reused = train_cells(config, mine, name, workdir, progress)
+  _, outcome, reused = train_cells(config, mine, name, workdir, runner)
   n_sel = outcome.cells if outcome is not None else 0
   seconds = time.perf_counter() - t0
   count = lambda cs: len({grid.configuration(c.axes) for c in cs})
@@ -81,7 +99,8 @@ def _run_task(config, cells, name, workdir, progress, task_index, num_tasks, t0)
         + f" ({reused} reused) in {seconds:.0f}s, no tables; once every task has finished, "
         "the same command with --merge in place of --task_index/--num_tasks builds them")
   return {"cells": len(mine), "selection_cells": n_sel, "reused": reused,
-          "seconds": seconds, "outputs": []}
+          "seconds": seconds, "outputs": [], "workers": runner.workers,
+          "phases": timing.snapshot()}
 
 
 def merge_grid(config, name: str, workdir: str, results_dir: str,
@@ -161,11 +180,10 @@ def _read_finals(cells, root: str) -> list[dict | None]:
 
 
 def train_cells(config, cells, name: str, workdir: str,
-                progress: bool) -> tuple[list[dict], selection.Outcome | None, int]:
+                run_cells: CellRunner) -> tuple[list[dict], selection.Outcome | None, int]:
   """Runs the unfinished selection cells (round by round), then the unfinished final cells
   under their configuration's selected values; (finals, selection outcome or None, final
   cells reused)."""
-  run_cells = _cell_runner(dict(config.report.axis_labels), progress)
 
   def run_selection(sel_cells, round_index):
     desc = f"{name} selection" + (f" (widened, round {round_index + 1})" if round_index else "")
@@ -174,25 +192,6 @@ def train_cells(config, cells, name: str, workdir: str,
   cells, outcome = selection.run(config, cells, run_selection)
   finals, reused = run_cells(cells, workdir, name)
   return finals, outcome, reused
-
-
-def _backbones():
-  """cfg -> its pretrained variables, each backbone loaded or built once per sweep."""
-  pretrained = {}
-
-  def backbone(cfg):
-    external = models.pretrained_key(cfg.model)  # e.g. keras:imagenet weights, or None
-    if external is not None:
-      if external not in pretrained:
-        pretrained[external] = models.load_pretrained(cfg.model)
-      return pretrained[external]
-    pcfg = pretrain.for_model(cfg.pretrain, cfg.model)
-    key = pretrain.cache_key(pcfg)
-    if key not in pretrained:
-      pretrained[key] = pretrain.get_or_build(pcfg, cfg.cache_dir or None)[0]
-    return pretrained[key]
-
-  return backbone
 
 
 def seed_groups(cells) -> list[list]:
@@ -211,33 +210,92 @@ def seed_groups(cells) -> list[list]:
   return out
 
 
-def _cell_runner(labels: dict, progress: bool):
-  backbone = _backbones()
+class CellRunner:
+  """Trains cells and reports each as it finishes: in this process, or on a pool of worker
+  processes (`config.workers`, tlresearch.workers) started once for the whole sweep.
 
-  def run_cells(cells, root, desc):
-    """final.json of every cell, training only the unfinished ones; (finals, reused)."""
+  `runner(cells, root, desc)` -> (final.json of every cell, how many were reused)."""
+
+  def __init__(self, config, progress: bool):
+    self.labels = dict(config.report.axis_labels)
+    self.progress = progress
+    self.setting = config.workers
+    self.backbones = cell_lib.Backbones()
+    self.pool = None
+    self.workers = 1  # the most processes that trained at once
+
+  def start_workers(self, pending_cells: int) -> None:
+    """Starts the worker pool if `config.workers` asks for one for this much work (their
+    start-up then overlaps whatever this process does next)."""
+    if self.pool is None and pending_cells:
+      import jax
+      n = workers.count(self.setting, pending_cells, jax.default_backend(), data_lib.mocked())
+      if n > 1:
+        log.info("training on %d worker processes", n)
+        self.pool = workers.Pool(n)
+        self.workers = n
+
+  def close(self, kill: bool = False) -> None:
+    if self.pool is not None:
+      self.pool.close(kill)
+      self.pool = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, *_):
+    self.close(kill=exc_type is not None)
+
+  def __call__(self, cells, root, desc):
     done = dict(zip((c.id for c in cells), _read_finals(cells, root)))
     todo = [c for c in cells if done[c.id] is None]
     needs = {c.id: strategies.get(c.config.strategy,
                                   models.groups_of(c.config.model)).pretrained for c in todo}
-    for c in todo:  # before the progress bar, so its ETA measures cells only
-      if needs[c.id]:
-        backbone(c.config)
+    groups = seed_groups(todo)
+    self.start_workers(len(groups))
+    if self.pool is None:
+      with timing.phase("backbone"):
+        for c in todo:  # before the progress bar, so its ETA measures cells only
+          if needs[c.id]:
+            self.backbones(c.config)
+    tasks = [(g, [os.path.join(root, c.id) for c in g], needs[g[0].id]) for g in groups]
     # Log lines go through tqdm while the bar is up, so the bar stays one line below them.
     with logging_redirect_tqdm(loggers=[logging.getLogger("tlresearch")]), \
-        tqdm(total=len(cells), desc=desc, unit="cell", disable=not progress,
+        tqdm(total=len(cells), desc=desc, unit="cell", disable=not self.progress,
              dynamic_ncols=True) as bar:
       bar.update(len(cells) - len(todo))
-      for group in seed_groups(todo):
-        finals = cell_lib.run(group, [os.path.join(root, c.id) for c in group],
-                              backbone(group[0].config) if needs[group[0].id] else None)
-        for c, f in zip(group, finals):
+
+      def finished(index, finals):
+        for c, f in zip(groups[index], finals):
           done[c.id] = f
-          log.info("%s", _summary_line(f, labels))
-        bar.update(len(group))
+          log.info("%s", _summary_line(f, self.labels))
+        bar.update(len(finals))
+
+      if self.pool is None:
+        for i, (group, dirs, pretrained) in enumerate(tasks):
+          finished(i, cell_lib.run(group, dirs,
+                                   self.backbones(group[0].config) if pretrained else None))
+      else:
+        with timing.phase("wait"):
+          self.pool.run(tasks, [_cost(g) for g in groups], [_programs_key(g) for g in groups],
+                        finished)
     return [done[c.id] for c in cells], len(cells) - len(todo)
 
-  return run_cells
+
+def _cost(group) -> float:
+  """A seed group's expected training time, for ordering (the longest first): examples x
+  epochs x seeds (the datasets are in memory from the checks)."""
+  cfg = group[0].config
+  return len(data_lib.load_for(cfg).train_x) * int(cfg.train.epochs) * len(group)
+
+
+def _programs_key(group) -> str:
+  """Groups with equal keys run the same compiled programs (they differ in seed, learning
+  rate or weight decay only)."""
+  ident = cell_lib.identity(group[0].config)
+  for k in ("seed", "train.lr", "train.weight_decay"):
+    ident.pop(k, None)
+  return json.dumps(ident, sort_keys=True)
 
 
 def write_results(config, name: str, results_dir: str, finals: list[dict],

@@ -21,7 +21,7 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from tlresearch import optim, parallel, penalty, probe, programs
+from tlresearch import optim, parallel, penalty, probe, programs, timing
 from tlresearch.checkpoint import CheckpointError
 from tlresearch.data.augment import AugmentSpec
 from tlresearch.errors import UserError, choices
@@ -365,8 +365,9 @@ class _Fit:
     records = {}
     for s in live:
       t0 = time.perf_counter()
-      per_seed[s], sol = probe.solve(self.model, per_seed[s], x["train"][s], y["train"][s],
-                                     x["val"][s], y["val"][s])
+      with timing.phase("probe"):
+        per_seed[s], sol = probe.solve(self.model, per_seed[s], x["train"][s], y["train"][s],
+                                       x["val"][s], y["val"][s])
       r = self.seeds[s]
       r.probe = sol.record()
       record = {"epoch": len(r.history) + 1, "stage": stage.name, "solver": "lbfgs",
@@ -397,8 +398,9 @@ class _Fit:
     stop = groups[groups.index(spec.start) - 1]
     for s in live:
       self.seeds[s].cached = True
-    return {split: lanes.prefix_outputs(self.model, variables, d[f"{split}_x"], stop)
-            for split in ("train", "val", "test")}
+    with timing.phase("prefix"):
+      return {split: lanes.prefix_outputs(self.model, variables, d[f"{split}_x"], stop)
+              for split in ("train", "val", "test")}
 
   def _epochs(self, spec, state, best_weights, splits, inputs, stage, stage_index,
               first_epoch, n_epochs):
@@ -410,11 +412,13 @@ class _Fit:
         break
       t0 = time.perf_counter()
       order_keys = lanes.fold_in(self.keys["order"], [len(r.history) for r in seeds])
-      state, m = lanes.train_epoch(spec, state, splits["train"], self.data["train_y"],
-                                   order_keys, self.keys["dropout"], self.keys["augment"],
-                                   inputs, active)
-      val, _ = lanes.evaluate(self.model, programs.variables_of(state), splits["val"],
-                              self.data["val_y"], spec.start)
+      with timing.phase("train"):
+        state, m = lanes.train_epoch(spec, state, splits["train"], self.data["train_y"],
+                                     order_keys, self.keys["dropout"], self.keys["augment"],
+                                     inputs, active)
+      with timing.phase("eval"):
+        val, _ = lanes.evaluate(self.model, programs.variables_of(state), splits["val"],
+                                self.data["val_y"], spec.start)
       seconds = time.perf_counter() - t0
       improved = np.zeros(len(seeds), bool)
       for s in np.flatnonzero(active):
@@ -445,11 +449,12 @@ class _Fit:
         best_weights = lanes.select(improved, (state.params, state.batch_stats), best_weights)
       self.epochs_done += 1
       if self.ckpt is not None:
-        self.ckpt.maybe_save(
-            self.epochs_done,
-            lambda st=state, b=best_weights, a=inputs["anchor"]: self._progress_tree(st, b, a),
-            {"stage": stage_index, "stage_epoch": stage_epoch + 1,
-             "seeds": [r.progress() for r in seeds]})
+        with timing.phase("files"):
+          self.ckpt.maybe_save(
+              self.epochs_done,
+              lambda st=state, b=best_weights, a=inputs["anchor"]: self._progress_tree(st, b, a),
+              {"stage": stage_index, "stage_epoch": stage_epoch + 1,
+               "seeds": [r.progress() for r in seeds]})
     return state, best_weights
 
   @staticmethod
@@ -474,9 +479,11 @@ class _Fit:
     outputs where there are any: no second pass through the backbone)."""
     if not which:
       return
-    val, _ = self.lanes.evaluate(self.model, variables, splits["val"], self.data["val_y"], start)
-    test, pred = self.lanes.evaluate(self.model, variables, splits["test"], self.data["test_y"],
-                                     start)
+    with timing.phase("eval"):
+      val, _ = self.lanes.evaluate(self.model, variables, splits["val"], self.data["val_y"],
+                                   start)
+      test, pred = self.lanes.evaluate(self.model, variables, splits["test"],
+                                       self.data["test_y"], start)
     for s in which:
       r = self.seeds[s]
       r.val = {k: float(v[s]) for k, v in val.items()}

@@ -7,7 +7,8 @@ from tlresearch.data.load import (
     default_data_dir,
     load,
     load_for,
+    mocked,
     report,
 )
 
-__all__ = ["DATASETS", "Dataset", "check_name", "default_data_dir", "load", "load_for", "report"]
+__all__ = ["DATASETS", "Dataset", "check_name", "default_data_dir", "load", "load_for", "mocked", "report"]

@@ -263,6 +263,12 @@ def _mocked(data_dir: str) -> bool:
   return os.path.abspath(os.fspath(probe.data_dir_root)) != data_dir
 
 
+def mocked() -> bool:
+  """Whether `tfds.testing.mock_data` is active in this process: its data exists only
+  here, so no other process may train on it."""
+  return _mocked(os.path.abspath(default_data_dir()))
+
+
 def load(name: str, *, data_dir: str | None = None, k_shot: int | None = None,
          seed: int = 0, image_size: int | None = None, options=None,
          class_subset: str = "") -> Dataset:
