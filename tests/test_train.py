@@ -1,6 +1,7 @@
 """The decisive properties of training: frozen means frozen, and free."""
 import dataclasses
 import json
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -222,3 +223,21 @@ def test_compute_dtype_counts_in_identities_only_away_from_float32():
   bf16["pretrain"]["train"]["compute_dtype"] = "bfloat16"
   assert pretrain.identity(bf16["pretrain"], bf16["model"]) != \
       pretrain.identity(saved["pretrain"], saved["model"])
+
+
+def test_evaluation_chunks_are_balanced_and_do_not_change_logits():
+  assert programs._chunk_size(269, 1) == 135   # 2 x 135, not 2 x 256
+  assert programs._chunk_size(900, 1) == 225
+  assert programs._chunk_size(256, 1) == 256
+  assert programs._chunk_size(5, 1) == 5
+  assert programs._chunk_size(269, 4) == 136   # splits over 4 devices
+  model = models.build(tiny_model_cfg(), 4)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  x = jnp.asarray(make_dataset(n_train=20).train_x)
+  spec = programs.EvalSpec(model)
+  outs = []
+  for chunk in (256, 8):  # one chunk of 20, three of 7
+    with mock.patch.object(programs, "EVAL_CHUNK", chunk):
+      outs.append(np.asarray(jax.jit(lambda v, x: programs._forward_chunks(spec, v, x))(
+          variables, x)))
+  assert all(np.array_equal(o, outs[0]) for o in outs[1:])

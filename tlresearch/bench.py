@@ -18,12 +18,26 @@ training set of the default `finetune_sweep` cell, digits target, seed 0):
   compile_seconds_per_cell.cold/warm   a linear_probe and a full cell in a new process, with an
                                        empty and then a filled persistent compilation cache
   vmap_seeds                           3 seeds in one vmapped program vs a loop (images/s)
-  sweep_seconds                        the default finetune_sweep in a new process, warm
-                                       pretrained checkpoint, empty compilation cache
+  sweep                                the warm default finetune_sweep, every cell retrained
+                                       (--overwrite) in a new process with the project cache
+                                       (pretrained backbone, compilation cache):
+    seconds                              its wall time, from the command to its exit
+    workers                              processes that trained cells (config.workers)
+    startup                              interpreter start and imports, before the sweep
+    phases                               seconds per phase (tlresearch.timing), summed over
+                                         the sweep's process and its workers: check (configs,
+                                         datasets), backbone, data, init (model, strategy, start
+                                         variables), compile (tracing, lowering, XLA compile or
+                                         cache load), prefix (frozen prefixes' outputs), probe
+                                         (converged probe), train (steps), eval (validation
+                                         each epoch, final validation and test), record
+                                         (metrics, reports), files, wait (the sweep's process
+                                         waiting for its workers), report (tables and plots)
+    cpu_seconds, idle_cpu_share          CPU time of all processes; 1 - cpu / (wall x cores)
   baseline_sweep_seconds (--baseline)  the same sweep without this project's speed-ups:
-                                       frozen prefixes run every step, every cell compiles its
-                                       own programs (`jax.clear_caches()` before each), no
-                                       persistent compilation cache
+                                       one process, frozen prefixes run every step, every cell
+                                       compiles its own programs (`jax.clear_caches()` before
+                                       each), no persistent compilation cache
 
 Nothing is written to results/: the sweeps run in a temporary workdir and results folder.
 The pretrained backbone comes from the project cache (built there if missing).
@@ -239,12 +253,31 @@ def compile_per_cell(tmp: str) -> dict:
   return out
 
 
-def sweep_seconds(tmp: str, baseline: bool = False) -> float:
-  name = "baseline" if baseline else "sweep"
-  cache = _cache_with_pretrained(os.path.join(tmp, name))
-  env = {"TLRESEARCH_CACHE_DIR": cache}
-  args = ["--config.train.cache_frozen_prefix=False", _BASELINE_FLAG] if baseline else []
-  return _sweep(tmp, name, args, env)
+def sweep_breakdown(tmp: str) -> dict:
+  """The warm default sweep in a new process: its seconds and where they went."""
+  import resource
+  from tlresearch import io, timing
+  timings = os.path.join(tmp, "timings.json")
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  seconds = _sweep(tmp, "sweep", [], {"TLRESEARCH_TIMINGS": timings})
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  summary = io.read_json(timings)
+  phases = summary["phases"]
+  cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+  return {"seconds": seconds, "workers": summary["workers"],
+          "startup": seconds - summary["seconds"],
+          "phases": {k: phases[k] for k in timing.PHASES if k in phases},
+          "cpu_seconds": cpu, "idle_cpu_share": 1 - cpu / (seconds * _cores())}
+
+
+def _cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def baseline_seconds(tmp: str) -> float:
+  cache = _cache_with_pretrained(os.path.join(tmp, "baseline"))
+  args = ["--config.train.cache_frozen_prefix=False", "--config.workers=1", _BASELINE_FLAG]
+  return _sweep(tmp, "baseline", args, {"TLRESEARCH_CACHE_DIR": cache})
 
 
 _BASELINE_FLAG = "--bench_baseline"
@@ -293,9 +326,9 @@ def measure(skip_sweep: bool = False, baseline: bool = False) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     out["compile_seconds_per_cell"] = compile_per_cell(tmp)
     if not skip_sweep:
-      out["sweep_seconds"] = sweep_seconds(tmp)
+      out["sweep"] = sweep_breakdown(tmp)
     if baseline:
-      out["baseline_sweep_seconds"] = sweep_seconds(tmp, baseline=True)
+      out["baseline_sweep_seconds"] = baseline_seconds(tmp)
   return out
 
 

@@ -31,9 +31,10 @@ def phase(name: str):
     yield
   finally:
     _, inner = _stack.pop()
-    credit(name, time.perf_counter() - t0 - inner)
+    seconds = time.perf_counter() - t0
+    credit(name, seconds - inner)
     if _stack:
-      _stack[-1][1] += time.perf_counter() - t0
+      _stack[-1][1] += seconds
 
 
 def nested(name: str, seconds: float) -> None:
