@@ -238,6 +238,7 @@ def test_corrupted_pretrained_checkpoint_is_rebuilt_with_a_warning(tmp_path, mon
   np.testing.assert_array_equal(again["params"]["w"], variables["params"]["w"])
 
 
+@pytest.mark.slow  # a sweep with source pretraining (~20-30 s)
 def test_forced_nan_marks_the_cell_and_the_grid_goes_on(tmp_path, capsys):
   # lr 1e38 overflows float32 logits after one step: a NaN loss, forced for real.
   args = _args(tmp_path, "nan", "--config.train.epochs=8", "--config.train.warmup_epochs=0.0",
