@@ -227,8 +227,9 @@ def _step_rate(model_cfg, size: int, batch: int, dtype: str, steps: int) -> dict
   jax.block_until_ready((state, m))
   seconds = (time.perf_counter() - t0) / steps
   flops = float(cost.get("flops", 0.0))
-  out = {"images_per_s": batch / seconds, "step_seconds": seconds, "flops_per_step": flops,
-         "tflops_per_s": flops / seconds / 1e12}
+  # The batch and size measured: under --quick they are smaller than the case's name says.
+  out = {"batch": batch, "image_size": size, "images_per_s": batch / seconds,
+         "step_seconds": seconds, "flops_per_step": flops, "tflops_per_s": flops / seconds / 1e12}
   peak = PEAK_TFLOPS.get(jax.devices()[0].device_kind, {}).get(dtype)
   if peak:
     out["share_of_peak"] = out["tflops_per_s"] / peak
