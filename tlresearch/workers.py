@@ -24,9 +24,9 @@ import multiprocessing
 import os
 import queue as queue_lib
 import signal
-import sys
 import traceback
 
+from tlresearch import timing
 from tlresearch.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,7 @@ class Pool:
     for i in range(n):
       inbox = ctx.Queue()
       proc = ctx.Process(target=_serve, daemon=True, name=f"tlresearch-worker-{i}",
-                         args=(i, inbox, self._results, self._logs, cache, level,
-                               list(sys.path)))
+                         args=(i, inbox, self._results, self._logs, cache, level))
       proc.start()
       self._inboxes.append(inbox)
       self._procs.append(proc)
@@ -95,7 +94,6 @@ class Pool:
     A free worker takes the most expensive pending task (so the last to finish are short),
     among equally expensive ones preferably one whose `keys` entry it has trained before (its
     compiled programs are then already in memory)."""
-    from tlresearch import timing
     pending = sorted(range(len(tasks)), key=lambda i: -costs[i])
     seen = [set() for _ in self._procs]
     idle, running = list(range(self.size)), {}
@@ -167,16 +165,16 @@ def _die_with_parent() -> None:
     os._exit(1)
 
 
-def _serve(index, inbox, results, logs, compile_cache, level, path) -> None:
+def _serve(index, inbox, results, logs, compile_cache, level) -> None:
   _die_with_parent()
-  sys.path[:] = path
+  # Ctrl-C reaches the whole process group; the sweep's process handles it and stops us.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   logger = logging.getLogger("tlresearch")
   logger.handlers[:] = [logging.handlers.QueueHandler(logs)]
   logger.setLevel(level)
   logger.propagate = False
-  import jax
   from tlresearch import cell as cell_lib
-  from tlresearch import programs, timing
+  from tlresearch import programs
   programs.use_compile_cache(compile_cache)
   backbones = cell_lib.Backbones()
   while True:
