@@ -468,11 +468,10 @@ class Stacked:
 # ---------------------------------------------------------------- compile time
 
 # JAX reports each compilation's phases (trace, lowering, XLA compile or persistent-cache
-# load) as duration events; a `compile_clock` adds them up while it is open.
+# load) as duration events; the timing ledger credits them to "compile".
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
                    "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
-_open_clocks: list = []
 
 
 class CompileClock:
@@ -482,8 +481,6 @@ class CompileClock:
 def _on_duration(event: str, duration: float, **_) -> None:
   if event in _COMPILE_EVENTS:
     timing.nested("compile", duration)
-    for clock in _open_clocks:
-      clock.seconds += duration
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
@@ -491,10 +488,11 @@ jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 @contextlib.contextmanager
 def compile_clock():
-  """`with compile_clock() as c: ...` -> c.seconds spent compiling inside the block."""
+  """`with compile_clock() as c: ...` -> c.seconds spent compiling inside the block (read
+  after it): the ledger's "compile" seconds added meanwhile."""
   clock = CompileClock()
-  _open_clocks.append(clock)
+  start = timing.snapshot().get("compile", 0.0)
   try:
     yield clock
   finally:
-    _open_clocks.remove(clock)
+    clock.seconds = timing.snapshot().get("compile", 0.0) - start

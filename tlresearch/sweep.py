@@ -52,13 +52,15 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
                     "tasks' cells; clear the workdir once before launching the tasks instead")
   cells = grid.expand(config)
   sel_cells = selection.first_round(config, cells)
-  mine = cells if num_tasks == 1 else grid.shard(cells, task_index, num_tasks)
+  mine, sel_mine = cells, sel_cells
+  if num_tasks > 1:
+    mine = grid.shard(cells, task_index, num_tasks)
+    sel_mine = selection.first_round(config, mine)
   workers.check(config.workers)
   enable_compile_cache(config.cache_dir or None)
   with CellRunner(config, progress) as runner:
     # Worker processes start while this one checks: their imports overlap the checks.
-    runner.start_workers(_unfinished(mine, selection.first_round(config, mine), workdir,
-                                     overwrite))
+    runner.start_workers(_unfinished(mine, sel_mine, workdir, overwrite))
     # every bad value and every bad dataset fails here, before training (in every task alike)
     with timing.phase("check"):
       cell_lib.check_all(cells + sel_cells)

@@ -11,4 +11,5 @@ from tlresearch.data.load import (
     report,
 )
 
-__all__ = ["DATASETS", "Dataset", "check_name", "default_data_dir", "load", "load_for", "mocked", "report"]
+__all__ = ["DATASETS", "Dataset", "check_name", "default_data_dir", "load", "load_for", "mocked",
+           "report"]
