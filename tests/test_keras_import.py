@@ -36,7 +36,9 @@ def _keras_model(family, include_top, size, pooling=None):
   return model
 
 
-@pytest.mark.parametrize("family", ["vgg16", "resnet50", "mobilenet_v2"])
+# MobileNetV2's Keras build is the slowest (~20 s): in the slow group, for default-run time.
+@pytest.mark.parametrize("family", ["vgg16", "resnet50",
+                                    pytest.param("mobilenet_v2", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("include_top, size, pooling", [
     (False, 32, None), (False, 48, "avg"), (True, 32, None), (True, 49, None)])
 def test_from_keras_matches_keras(family, include_top, size, pooling):
