@@ -9,6 +9,16 @@ from __future__ import annotations
 import ml_collections
 
 
+def head(**overrides) -> ml_collections.ConfigDict:
+  """The new head (tlresearch.models.heads.HeadSpec); the default is the linear head."""
+  h = ml_collections.ConfigDict()
+  h.pooling = "avg"            # avg | max (global) | flatten (Keras's Flatten: fixes the input size)
+  h.hidden = []                # widths of hidden Dense layers; [] = the linear head, [256] = an MLP
+  h.activation = "relu"        # of the hidden layers: relu | gelu | tanh | sigmoid | swish
+  h.update(overrides)
+  return h
+
+
 def model(**overrides) -> ml_collections.ConfigDict:
   m = ml_collections.ConfigDict()
   m.family = "resnet"          # backbone family (tlresearch.models.FAMILIES)
@@ -16,7 +26,8 @@ def model(**overrides) -> ml_collections.ConfigDict:
   m.blocks_per_stage = 1       # residual blocks per stage: ResNet-(6n+2), n=1 -> ResNet-8
   m.num_stages = 3             # groups: stem, stage1..stage{num_stages}, head
   m.stem_strides = 2           # 2: stages run at 16/8/4 px, ~10x faster on CPU than 32/16/8
-  m.dropout_rate = 0.0         # dropout on the pooled features, before the classifier
+  m.dropout_rate = 0.0         # dropout on the classifier's input (the pooled features)
+  m.head = head()              # the new classifier head (the source pretraining keeps the default)
   m.input_size = None          # None: the dataset's own image size; N: images resized to N x N
   m.pretrained = ""            # "": the project's source pretraining (config.pretrain)
   m.update(overrides)
@@ -33,7 +44,8 @@ def keras_model(**overrides) -> ml_collections.ConfigDict:
   m.input_size = 224           # images are resized to this (ImageNet size; >= 32)
   m.width = 64                 # vgg16/resnet50 channel width; 64 is the real network (Keras weights)
   m.alpha = 1.0                # mobilenet_v2 width multiplier (ImageNet weights: 0.35 .. 1.4)
-  m.dropout_rate = 0.0         # dropout on the pooled features, before the classifier (linear top)
+  m.dropout_rate = 0.0         # dropout on the classifier's input (linear top)
+  m.head = head()              # the new classifier head (linear top)
   m.update(overrides)
   return m
 

@@ -33,11 +33,17 @@ IDENTITY_FIELDS = ("target", "seed", "k_shot", "class_subset", "data_dir", "data
                        f"train.{k}" for k in train.IDENTITY_FIELDS)
 
 
+def identity_defaults() -> dict:
+  """Keys added after results existed, at the values that leave earlier identities as they
+  were (`configs.pick`)."""
+  return ({f"train.{k}": v for k, v in train.IDENTITY_DEFAULTS.items()}
+          | {f"model.{k}": v for k, v in models.IDENTITY_DEFAULTS.items()})
+
+
 def identity(config) -> dict:
   """What decides a cell's result (a ConfigDict or a saved config dict): its fields, and
   the identity of the pretrained backbone it starts from."""
-  out = configs.pick(config, IDENTITY_FIELDS, IDENTITY_VERSION,
-                     {f"train.{k}": v for k, v in train.IDENTITY_DEFAULTS.items()})
+  out = configs.pick(config, IDENTITY_FIELDS, IDENTITY_VERSION, identity_defaults())
   try:
     out["pretrain"] = pretrain.identity(configs.get_path(config, "pretrain"),
                                         configs.get_path(config, "model"))
@@ -76,6 +82,9 @@ def check(cfg) -> None:
     raise UserError(f"strategy '{cfg.strategy}' never trains the head, so the head must come "
                     "from pretraining: set pretrained_head=True (the target must have the "
                     "source task's classes)")
+  if cfg.pretrained_head and models.head_spec(cfg.model) != models.HeadSpec():
+    raise UserError("pretrained_head=True loads the source's linear head, so model.head must "
+                    "be the default (pooling avg, hidden [])")
   probes.check(tuple(cfg.probes))
   if strategy.pretrained:
     models.check_pretrained(cfg.model)  # e.g. missing ImageNet weights: fail now, not later

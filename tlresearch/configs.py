@@ -47,7 +47,8 @@ def pick(config, fields: tuple[str, ...], version: int, defaults: dict | None = 
   """{'version': version, field: value} for each dotted field of `config` (a ConfigDict or
   its dict); a field the config lacks gets MISSING. A field of `defaults` ({dotted: value})
   is left out while it is absent or at that value: a field added later then leaves every
-  earlier identity as it was, and counts as soon as it is set to anything else."""
+  earlier identity as it was, and counts as soon as it is set to anything else. A default
+  may also name a key inside a listed field (`model.head` when `model` is listed)."""
   out = {"version": version}
   for dotted in fields:
     try:
@@ -55,6 +56,15 @@ def pick(config, fields: tuple[str, ...], version: int, defaults: dict | None = 
     except UserError:
       out[dotted] = MISSING
   for dotted, value in (defaults or {}).items():
+    inside = [f for f in fields if dotted.startswith(f + ".")]
+    if inside:  # a key within a listed field's value: drop it there while at its default
+      *parents, leaf = dotted[len(inside[0]) + 1:].split(".")
+      node = out[inside[0]]
+      for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+      if isinstance(node, dict) and leaf in node and node[leaf] == value:
+        del node[leaf]
+      continue
     try:
       got = _plain(get_path(config, dotted))
     except UserError:

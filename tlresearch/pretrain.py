@@ -48,7 +48,8 @@ def identity(pretrain_cfg, model_cfg=None) -> dict:
   architecture, when given)."""
   pcfg = pretrain_cfg if model_cfg is None else for_model(pretrain_cfg, model_cfg)
   return configs.pick(pcfg, IDENTITY_FIELDS, IDENTITY_VERSION,
-                      {f"train.{k}": v for k, v in train.IDENTITY_DEFAULTS.items()})
+                      {f"train.{k}": v for k, v in train.IDENTITY_DEFAULTS.items()}
+                      | {f"model.{k}": v for k, v in models.IDENTITY_DEFAULTS.items()})
 
 
 def cache_key(pcfg) -> str:

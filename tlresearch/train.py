@@ -143,8 +143,11 @@ def solves_probe(model, stage, param_paths, cfg) -> bool:
   """Whether `fit` solves this stage with the converged probe (tlresearch.probe) rather than
   training it with the optimizer."""
   groups = model.groups
-  return stage.solve and probe.applies(cfg, getattr(model, "dropout_rate", 0.0),
-                                       stage_start(groups, stage, param_paths, cfg), groups[-1])
+  # An MLP head on cached features is not a convex problem: it trains like any stage.
+  linear = getattr(model, "head_spec", None) is None or model.head_spec.linear
+  return stage.solve and linear and probe.applies(
+      cfg, getattr(model, "dropout_rate", 0.0), stage_start(groups, stage, param_paths, cfg),
+      groups[-1])
 
 
 def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,

@@ -1,7 +1,9 @@
 """Backbone families. Every model exposes `.groups`: its ordered top-level group names.
 
 `model.family` picks the family; the other keys of the model config are the family's
-fields, plus `pretrained` (where the backbone's weights come from, see `pretrained_key`).
+fields, plus `pretrained` (where the backbone's weights come from, see `pretrained_key`) and
+`head` (the new classifier head, `heads.HeadSpec`). A key that is another family's field,
+at that family's default value, is ignored, so one config can switch `model.family`.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from tlresearch.errors import UserError, choices
 from tlresearch.models import mobilenet_v2 as mobilenet_v2_lib
 from tlresearch.models import resnet50 as resnet50_lib
 from tlresearch.models import vgg as vgg_lib
+from tlresearch.models.heads import DEFAULT_HEAD, HeadSpec
 from tlresearch.models.merge import merge_pretrained
 from tlresearch.models.mobilenet_v2 import MobileNetV2
 from tlresearch.models.resnet import ResNet, group_names
@@ -28,13 +31,33 @@ FAMILIES = {"resnet": ResNet, "vgg16": VGG16, "resnet50": ResNet50, "mobilenet_v
 KERAS_FAMILIES = {"vgg16": vgg_lib, "resnet50": resnet50_lib, "mobilenet_v2": mobilenet_v2_lib}
 TRAINABLE_TOPS = ("keras", "linear")  # "none" has no head for a strategy to train
 MIN_INPUT_SIZE = 32  # Keras's minimum for its applications (five stride-2 reductions)
-# Width fields of one Keras family that another lacks; at these (the real networks') values
-# they are ignored, so one config can switch model.family without removing keys.
-WIDTH_DEFAULTS = {"width": 64, "alpha": 1.0}
+# Model-config keys added after results existed, with their defaults: part of an identity
+# only away from them (`configs.pick`), so every earlier cell and backbone keeps its own.
+IDENTITY_DEFAULTS = {"head": DEFAULT_HEAD}
+
+
+def _fields(family) -> dict:
+  return {f.name: f.default for f in dataclasses.fields(family)
+          if f.name not in ("parent", "name")}
+
+
+def _other_defaults(family: str) -> dict:
+  """key -> the default values it has in the families other than `family`."""
+  out = {}
+  for name, cls in FAMILIES.items():
+    if name != family:
+      for key, default in _fields(cls).items():
+        out.setdefault(key, []).append(default)
+  return out
 
 
 def _kwargs(model_cfg) -> dict:
-  return {k: v for k, v in model_cfg.items() if k not in ("family", "pretrained")}
+  return {k: v for k, v in model_cfg.items() if k not in ("family", "pretrained", "head")}
+
+
+def head_spec(model_cfg) -> HeadSpec:
+  """The new head `model.head` asks for (the linear head when the key is absent)."""
+  return HeadSpec.from_config(model_cfg.head if "head" in model_cfg else {})
 
 
 def build(model_cfg, num_classes: int):
@@ -43,23 +66,29 @@ def build(model_cfg, num_classes: int):
   if family not in FAMILIES:
     raise UserError(f"unknown model.family '{family}'; valid: {choices(FAMILIES)}")
   kwargs = _kwargs(model_cfg)
-  fields = {f.name for f in dataclasses.fields(FAMILIES[family])} - {"parent", "name"}
+  fields = set(_fields(FAMILIES[family]))
   if "input_size" not in fields:
     # Any size runs through the small ResNet; there the key only tells the data pipeline.
     size = kwargs.pop("input_size", None)
     if size is not None and int(size) < 1:
       raise UserError(f"model.input_size must be >= 1, got {size}")
-  if family in KERAS_FAMILIES:
-    for key, default in WIDTH_DEFAULTS.items():
-      if key not in fields and kwargs.get(key, default) == default:
-        kwargs.pop(key, None)
+  others = _other_defaults(family)
+  for key in set(kwargs) - fields:
+    if kwargs[key] in others.get(key, ()):
+      del kwargs[key]
+  fields -= {"head_spec"}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
     raise UserError(f"model.{unknown[0]} is not a field of model.family '{family}'; valid: "
-                    f"{choices(fields - {'num_classes'})}, pretrained")
+                    f"{choices(fields - {'num_classes'})}, pretrained, head")
+  head = head_spec(model_cfg)
+  if family in KERAS_FAMILIES and kwargs.get("top", "linear") != "linear" and head != HeadSpec():
+    raise UserError(f"model.head applies to model.top='linear' only (the new head), got "
+                    f"top='{kwargs['top']}'")
+  kwargs["head_spec"] = head
   if family == "resnet":
     for key in ("width", "blocks_per_stage", "num_stages", "stem_strides"):
-      if int(kwargs[key]) < 1:
+      if int(kwargs.get(key, 1)) < 1:
         raise UserError(f"model.{key} must be >= 1, got {kwargs[key]}")
   else:
     top = kwargs.get("top", "linear")
@@ -79,7 +108,7 @@ def build(model_cfg, num_classes: int):
 def groups_of(model_cfg) -> tuple[str, ...]:
   """Ordered group names of the model `model_cfg` describes, without building it."""
   if model_cfg.family == "resnet":
-    return group_names(model_cfg.num_stages)
+    return group_names(model_cfg.get("num_stages", _fields(ResNet)["num_stages"]))
   if model_cfg.family in KERAS_FAMILIES:
     return KERAS_FAMILIES[model_cfg.family].group_names(model_cfg.top)
   raise UserError(f"unknown model.family '{model_cfg.family}'; valid: {choices(FAMILIES)}")
@@ -154,6 +183,6 @@ def _param_paths(model_json: str) -> tuple[str, ...]:
   return tuple(traverse_util.flatten_dict(shapes["params"], sep="/"))
 
 
-__all__ = ["FAMILIES", "VGG16", "MobileNetV2", "ResNet", "ResNet50", "build",
-           "check_pretrained", "from_keras", "groups_of", "input_size", "load_pretrained",
-           "merge_pretrained", "param_paths", "pretrained_key"]
+__all__ = ["FAMILIES", "IDENTITY_DEFAULTS", "VGG16", "HeadSpec", "MobileNetV2", "ResNet",
+           "ResNet50", "build", "check_pretrained", "from_keras", "groups_of", "head_spec",
+           "input_size", "load_pretrained", "merge_pretrained", "param_paths", "pretrained_key"]

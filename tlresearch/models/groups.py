@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import flax.linen as nn
 
-from tlresearch.models.heads import Head, pool
+from tlresearch.models.heads import Head, HeadSpec, pool
 
 
 def numbered(prefix: str, n: int) -> tuple[str, ...]:
@@ -48,8 +48,8 @@ class Grouped(nn.Module):
 class KerasFamily(Grouped):
   """A Keras application's network with one of three tops:
 
-  - `top="linear"` (the transfer head): global average pooling, dropout, a new
-    `Dense(num_classes)` named `dense`;
+  - `top="linear"` (the transfer head): a new head as `head_spec` (`model.head`) describes;
+    by default global average pooling, dropout, a new `Dense(num_classes)` named `dense`;
   - `top="keras"`: Keras's own top, whose classifier is named `predictions` as in Keras
     (groups `keras_top`; only `head` is new for a new task);
   - `top="none"`: no head; the output is the last group's feature map, or pooled when
@@ -59,7 +59,8 @@ class KerasFamily(Grouped):
   num_classes: int
   top: str = "linear"
   pooling: str | None = None  # top="none" only: None (feature map), "avg" or "max"
-  dropout_rate: float = 0.0   # top="linear" only: dropout on the pooled features
+  dropout_rate: float = 0.0   # top="linear" only: dropout on the classifier's input
+  head_spec: HeadSpec = HeadSpec()  # top="linear" only: the new head (`model.head`)
   classifier_activation: str | None = None  # None: logits (training); "softmax" as Keras
   input_size: int = 224       # the size the data pipeline resizes images to
 
@@ -81,8 +82,8 @@ class KerasFamily(Grouped):
     if self.top == "keras":
       return Head(self.num_classes, 0.0, self.keras_pooling, "predictions",
                   self.classifier_activation, name="head")
-    return Head(self.num_classes, self.dropout_rate, "avg", "dense", self.classifier_activation,
-                name="head")
+    return Head.of(self.head_spec, self.num_classes, self.dropout_rate,
+                   self.classifier_activation)
 
   def output(self, x):
     return pool(x, self.pooling) if self.top == "none" else x

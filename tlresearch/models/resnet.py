@@ -13,7 +13,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from tlresearch.models.groups import Grouped, numbered
-from tlresearch.models.heads import Head
+from tlresearch.models.heads import Head, HeadSpec
 
 
 class BasicBlock(nn.Module):
@@ -67,7 +67,8 @@ class Stage(nn.Module):
 class ResNet(Grouped):
   """ResNet-(6n+2) for small images: `blocks_per_stage`=n, widths w, 2w, 4w, ...
 
-  Groups: `stem`, `stage1`..`stage{num_stages}`, `head` (pooling, dropout, the classifier).
+  Groups: `stem`, `stage1`..`stage{num_stages}`, `head` (as `head_spec` says; by default
+  global average pooling, dropout, the classifier).
   """
   num_classes: int
   width: int = 16
@@ -75,6 +76,7 @@ class ResNet(Grouped):
   num_stages: int = 3
   stem_strides: int = 2
   dropout_rate: float = 0.0
+  head_spec: HeadSpec = HeadSpec()
 
   @property
   def groups(self) -> tuple[str, ...]:
@@ -88,7 +90,7 @@ class ResNet(Grouped):
         x, use_running_average)
 
   def head(self):
-    return Head(self.num_classes, self.dropout_rate, name="head")
+    return Head.of(self.head_spec, self.num_classes, self.dropout_rate)
 
 
 def group_names(num_stages: int) -> tuple[str, ...]:
