@@ -178,5 +178,9 @@ def sweep(**overrides) -> ml_collections.ConfigDict:
   # always on GPU/TPU, where train.seeds_mode / data_parallel use the device); N: exactly N.
   # Operational: a cell's result is bitwise the same for any value.
   c.workers = 0
+  # Which trained models are kept for export and predict (tlresearch.recognizer): "none";
+  # "best": per target, the best configuration by mean validation accuracy, its best seed;
+  # "all": every final cell's. Operational: it never changes a cell's result.
+  c.save_model = "none"
   c.update(overrides)
   return c

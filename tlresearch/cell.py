@@ -17,7 +17,8 @@ from sklearn import metrics as skm
 
 from tlresearch import checkpoint, configs, io, models, optim, probes, programs, strategies
 from tlresearch import data as data_lib
-from tlresearch import pretrain, timing, train
+from tlresearch import pretrain, recognizer, timing, train
+from tlresearch.data import preprocess
 from tlresearch.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def check(cfg) -> None:
     raise UserError("pretrained_head=True loads the source's linear head, so model.head must "
                     "be the default (pooling avg, hidden [])")
   probes.check(tuple(cfg.probes))
+  recognizer.check(cfg.get("save_model", "none"))
   if strategy.pretrained:
     models.check_pretrained(cfg.model)  # e.g. missing ImageNet weights: fail now, not later
   if not 0 <= cfg.model.dropout_rate < 1:
@@ -117,6 +119,13 @@ def check_all(cells) -> None:
       if source.num_classes != target.num_classes:
         raise UserError(f"pretrained_head=True needs the source's {source.num_classes} classes, "
                         f"but {c.config.target} has {target.num_classes}")
+
+
+def keeps_model(cfg) -> bool:
+  """Whether this cell keeps its trained variables (`save_model`; tlresearch.recognizer):
+  every final cell does under "best" (the best is known only once all have finished) and
+  "all"; selection cells never do."""
+  return cfg.get("save_model", "none") != "none"
 
 
 def finished(cell_dir: str, cell) -> dict | None:
@@ -177,8 +186,12 @@ def run(cells, cell_dirs, pretrained: dict | None) -> list[dict]:
   share = {"compile_seconds": clock.seconds / len(cells),
            "wall_seconds": (time.perf_counter() - t0) / len(cells)}
   with timing.phase("files"):
-    for cell_dir, result, final in zip(cell_dirs, results, finals):
+    for c, ds, cell_dir, result, final in zip(cells, datas, cell_dirs, results, finals):
       final.update(share)
+      if keeps_model(c.config):  # before final.json: a finished cell has its model
+        recognizer.save(recognizer.model_dir(cell_dir), result.variables,
+                        recognizer.card(c.config, final, ds.class_names,
+                                        ds.train_x.shape[1:3], preprocess.style_of(model)))
       io.write_jsonl(os.path.join(cell_dir, "metrics.jsonl"), result.history)
       io.write_json(os.path.join(cell_dir, "final.json"), final)
     for cell_dir in cell_dirs:  # final.json is each cell's record from now on

@@ -80,6 +80,8 @@ def _candidate_cells(cell, lrs, wds, seeds) -> list:
       axes = {**{k: v for k, v in cell.axes.items() if k != "seed"}, **combo, "seed": seed}
       cfg = ml_collections.ConfigDict(cell.config.to_dict())
       cfg.seed = seed
+      if "save_model" in cfg:
+        cfg.save_model = "none"  # a selection cell's model is never kept
       for dotted, v in combo.items():
         configs.set_path(cfg, dotted, v)
       cfg.lock()

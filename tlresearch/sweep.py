@@ -19,7 +19,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from tlresearch import cell as cell_lib
 from tlresearch import findings as findings_lib
 from tlresearch import data as data_lib
-from tlresearch import grid, io, models, pretrain, programs, report, selection, strategies
+from tlresearch import grid, io, models, pretrain, programs, recognizer, report, selection
+from tlresearch import strategies
 from tlresearch import timing, train, workers
 from tlresearch.errors import UserError
 
@@ -91,7 +92,8 @@ def _unfinished(cells, sel_cells, workdir: str, overwrite: bool) -> int:
 def _run_task(config, cells, mine, name, workdir, runner, task_index, num_tasks, t0) -> dict:
   """One task of a sharded grid: its configurations' cells, no tables."""
   # Selection runs for this task's configurations only: exactly the cells they need.
-  _, outcome, reused = train_cells(config, mine, name, workdir, runner)
+  # save_model: the best of the grid is known once every task has finished (merge_grid).
+  _, outcome, reused = train_cells(config, mine, name, workdir, runner, keep=False)
   n_sel = outcome.cells if outcome is not None else 0
   seconds = time.perf_counter() - t0
   count = lambda cs: len({grid.configuration(c.axes) for c in cs})
@@ -123,6 +125,7 @@ def merge_grid(config, name: str, workdir: str, results_dir: str,
   cells, outcome = selection.run(config, cells, read_selection)
   finals = _read_finals(cells, workdir)
   _check_all_finished(workdir, [c.id for c in cells], finals)
+  keep_models(config, cells, finals, workdir)
   paths = write_results(config, name, results_dir, finals, outcome, findings, command)
   seconds = time.perf_counter() - t0
   print(f"{name}: merged {len(cells)} cells"
@@ -181,11 +184,11 @@ def _read_finals(cells, root: str) -> list[dict | None]:
   return [cell_lib.finished(os.path.join(root, c.id), c) for c in cells]
 
 
-def train_cells(config, cells, name: str, workdir: str,
-                run_cells: CellRunner) -> tuple[list[dict], selection.Outcome | None, int]:
+def train_cells(config, cells, name: str, workdir: str, run_cells: CellRunner,
+                keep: bool = True) -> tuple[list[dict], selection.Outcome | None, int]:
   """Runs the unfinished selection cells (round by round), then the unfinished final cells
-  under their configuration's selected values; (finals, selection outcome or None, final
-  cells reused)."""
+  under their configuration's selected values, then (with `keep`: the whole grid) applies
+  `save_model`; (finals, selection outcome or None, final cells reused)."""
 
   def run_selection(sel_cells, round_index):
     desc = f"{name} selection" + (f" (widened, round {round_index + 1})" if round_index else "")
@@ -193,7 +196,58 @@ def train_cells(config, cells, name: str, workdir: str,
 
   cells, outcome = selection.run(config, cells, run_selection)
   finals, reused = run_cells(cells, workdir, name)
+  if keep:
+    keep_models(config, cells, finals, workdir, run_cells.retrain)
   return finals, outcome, reused
+
+
+def keep_models(config, cells, finals, workdir: str, retrain=None) -> dict:
+  """Applies `save_model` once every final cell has finished: under "best", deletes every
+  kept model but each target's best (tlresearch.recognizer.choose_best), retraining a best
+  cell that finished before models were kept (`retrain(cell, cell_dir)` -> its final
+  record; None, as in --merge: UserError instead). Writes `<workdir>/kept_models.json` and
+  returns it."""
+  policy = config.get("save_model", "none")
+  if policy == "none":
+    return {}
+  dirs = {c.id: os.path.join(workdir, c.id) for c in cells}
+  best = recognizer.choose_best(finals, grid.configuration)
+  for target, f in sorted(best.items()):
+    cell_dir = dirs[f["cell_id"]]
+    if not recognizer.has_model(cell_dir):
+      if retrain is None:
+        raise UserError(f"cannot keep the best model for {target}: cell {f['cell_id']} in "
+                        f"{workdir} finished without save_model; rerun the task that trained "
+                        "it with --config.save_model=best (it retrains that cell only)")
+      log.info("retraining %s to keep its model (it finished before save_model was set)",
+               f["cell_id"])
+      again = retrain(next(c for c in cells if c.id == f["cell_id"]), cell_dir)
+      if (again["test_accuracy"], again["val_accuracy"]) != (f["test_accuracy"],
+                                                             f["val_accuracy"]):
+        log.warning("warning: the retrained %s differs from its first run (test accuracy "
+                    "%.4f vs %.4f); the kept model is the retrained one", f["cell_id"],
+                    again["test_accuracy"], f["test_accuracy"])
+      best[target] = again
+  if policy == "best":
+    keep = {f["cell_id"] for f in best.values()}
+    for c in cells:
+      if c.id not in keep:
+        shutil.rmtree(recognizer.model_dir(dirs[c.id]), ignore_errors=True)
+  kept = [c.id for c in cells if recognizer.has_model(dirs[c.id])]
+  if policy == "all" and len(kept) < len(cells):
+    raise UserError(f"save_model=all: {len(cells) - len(kept)} finished cells in {workdir} have "
+                    "no kept model; rerun the task that trained them with the same config")
+  record = {"save_model": policy,
+            "best": {t: {"cell_id": f["cell_id"], "model": recognizer.model_dir(dirs[f["cell_id"]]),
+                         "strategy": f["strategy"], "axes": f["axes"],
+                         "val_accuracy": f["val_accuracy"], "test_accuracy": f["test_accuracy"]}
+                     for t, f in sorted(best.items())},
+            "models": [recognizer.model_dir(dirs[i]) for i in kept]}
+  io.write_json(os.path.join(workdir, "kept_models.json"), record)
+  for t, b in record["best"].items():
+    log.info("kept the best model for %s: %s (%s, val acc %.1f%%)", t, b["model"],
+             b["strategy"], 100 * b["val_accuracy"])
+  return record
 
 
 def seed_groups(cells) -> list[list]:
@@ -237,6 +291,13 @@ class CellRunner:
         self.pool = workers.Pool(n)
         self.workers = n
 
+  def retrain(self, cell, cell_dir: str) -> dict:
+    """Trains one cell again in this process (bitwise the same result); its final record."""
+    pretrained = strategies.get(cell.config.strategy,
+                                models.groups_of(cell.config.model)).pretrained
+    return cell_lib.run([cell], [cell_dir],
+                        self.backbones(cell.config) if pretrained else None)[0]
+
   def close(self, kill: bool = False) -> None:
     if self.pool is not None:
       self.pool.close(kill)
@@ -250,6 +311,10 @@ class CellRunner:
 
   def __call__(self, cells, root, desc):
     done = dict(zip((c.id for c in cells), _read_finals(cells, root)))
+    for c in cells:  # save_model=all: a cell finished without its model trains again
+      if (done[c.id] is not None and c.config.get("save_model", "none") == "all"
+          and not recognizer.has_model(os.path.join(root, c.id))):
+        done[c.id] = None
     todo = [c for c in cells if done[c.id] is None]
     needs = {c.id: strategies.get(c.config.strategy,
                                   models.groups_of(c.config.model)).pretrained for c in todo}
