@@ -57,6 +57,7 @@ def train(**overrides) -> ml_collections.ConfigDict:
   t.optimizer = "sgd"          # sgd (Nesterov momentum) | adam | adamw
   t.lr = 0.05                  # peak learning rate (x each group's multiplier)
   t.warmup_epochs = 1.0        # linear warmup, then cosine decay to 0 over the budget
+  t.schedule = "warmup_cosine"  # warmup_cosine (as above) | constant (the peak lr throughout)
   t.weight_decay = 5e-4        # on kernels of trainable groups only
   t.momentum = 0.9             # sgd only
   t.cache_frozen_prefix = True  # run a frozen prefix once per split instead of every step
@@ -80,6 +81,7 @@ def train(**overrides) -> ml_collections.ConfigDict:
   t.augment.shear = 10.0       # max degrees
   t.augment.zoom = 0.1         # scale in [1 - zoom, 1 + zoom]
   t.augment.horizontal_flip = False  # off: glyphs and digits are not mirror-symmetric
+  t.augment.fill_mode = "nearest"  # outside the image: nearest | reflect | wrap | constant (0)
   t.early_stopping = ml_collections.ConfigDict()
   t.early_stopping.enabled = True  # stop after `patience` epochs without improvement,
   #                                  then restore the best epoch's weights
@@ -131,6 +133,9 @@ def checkpoint() -> ml_collections.ConfigDict:
 def report() -> ml_collections.ConfigDict:
   r = ml_collections.ConfigDict()
   r.reference = "full"         # strategy whose base-config row the paired differences use
+  # Print each final cell's per-class report (scikit-learn's classification_report on the
+  # test split) as it finishes, and write them all to classification_reports.md.
+  r.classification_reports = False
   # (axis, column name) pairs for tables; axes without one are shown by their config key.
   r.axis_labels = [("model.dropout_rate", "dropout"), ("train.augment.enabled", "augmentation"),
                    ("train.early_stopping.enabled", "early stopping"), ("train.epochs", "epochs")]

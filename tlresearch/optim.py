@@ -15,10 +15,15 @@ from tlresearch.errors import UserError, choices
 from tlresearch.strategies import FROZEN
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("warmup_cosine", "constant")
 
 
-def schedule(peak_lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `peak_lr`, then cosine decay to 0 at `total_steps`."""
+def schedule(peak_lr: float, total_steps: int, warmup_steps: int,
+             kind: str = "warmup_cosine") -> optax.Schedule:
+  """"warmup_cosine": linear warmup from 0 to `peak_lr`, then cosine decay to 0 at
+  `total_steps`; "constant": `peak_lr` throughout (Keras's default, no warmup)."""
+  if kind == "constant":
+    return optax.constant_schedule(peak_lr)
   total_steps = max(int(total_steps), 1)
   warmup_steps = min(max(int(warmup_steps), 0), total_steps - 1)
   return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, total_steps, 0.0)

@@ -72,11 +72,12 @@ class StepSpec:
   mesh: Any = None                 # data-parallel jax.sharding.Mesh; None: one device
   frozen_prefix: tuple = ()        # the groups below the first trainable one
   compute_dtype: str = "float32"   # of convolutions and matmuls (`in_compute_dtype`)
+  schedule: str = "warmup_cosine"  # optim.SCHEDULES
 
   def lr_schedule(self, peak_lr):
     # The shape is built for a peak of 1 and scaled: optax's schedule branches on its peak
     # value in Python, and here the peak is a traced input.
-    shape = optim.schedule(1.0, self.total_steps, self.warmup_steps)
+    shape = optim.schedule(1.0, self.total_steps, self.warmup_steps, self.schedule)
     return lambda step: peak_lr * shape(step)
 
   def rule_by_path(self, params) -> dict:

@@ -382,3 +382,23 @@ def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
     if extra is not None:
       names += list(extra(tmp))
   return [os.path.join(out_dir, n) for n in names]
+
+
+def classification_report_text(report: dict, digits: int = 3) -> str:
+  """scikit-learn's text layout of a `classification_report(..., output_dict=True)` dict (as
+  final.json stores it): precision, recall, F1 and support per class, then the averages."""
+  averages = [k for k in ("macro avg", "weighted avg") if k in report]
+  classes = [k for k in report if k not in ("accuracy", *averages)]
+  width = max([len(k) for k in classes + averages] + [len("weighted avg")])
+  head = f"{'':>{width}} " + "".join(f" {h:>9}" for h in ("precision", "recall", "f1-score",
+                                                          "support"))
+  row = lambda name, r: (f"{name:>{width}} " + "".join(
+      f" {r[k]:>9.{digits}f}" for k in ("precision", "recall", "f1-score"))
+                         + f" {int(r['support']):>9}")
+  lines = [head, ""] + [row(c, report[c]) for c in classes] + [""]
+  if "accuracy" in report:
+    support = int(report[averages[0]]["support"]) if averages else 0
+    lines.append(f"{'accuracy':>{width}} " + " " * 20 + f" {report['accuracy']:>9.{digits}f}"
+                 + f" {support:>9}")
+  lines += [row(a, report[a]) for a in averages]
+  return "\n".join(lines) + "\n"

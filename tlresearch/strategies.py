@@ -127,6 +127,23 @@ def lp_ft(groups, probe: float = 0.5) -> Strategy:
                                              Stage(((".*", 1.0),), fraction=1.0, name="fine_tune")))
 
 
+def head_then_top(groups, k: int = 1, lr_scale: float = 0.1, head: float = 0.5) -> Strategy:
+  """The Keras transfer-learning recipe's two stages (Chollet 2016; the Keras guide): the
+  new head trains alone on the frozen base for `head` x the budget, then the top `k`
+  backbone groups are unfrozen and train with the head for the rest of the budget, all at
+  `lr_scale` x the learning rate (the guide's "very low learning rate"), so the pretrained
+  block is not wrecked by large updates."""
+  spec = f"head_then_top:k={k},lr_scale={lr_scale:g},head={head:g}"
+  if not isinstance(lr_scale, (int, float)) or not 0 < lr_scale <= 1:
+    raise UserError(f"strategy '{spec}': lr_scale must be in (0, 1], got {lr_scale}")
+  if not isinstance(head, (int, float)) or not 0 < head < 1:
+    raise UserError(f"strategy '{spec}': head must be a fraction of the budget in (0, 1), "
+                    f"got {head}")
+  top = tuple((p, FROZEN if r == FROZEN else float(lr_scale)) for p, r in _top_k(groups, k, spec))
+  return Strategy(spec, (Stage(linear_probe(groups).stages[0].rules, fraction=head, name="head"),
+                         Stage(top, name="top")))
+
+
 def gradual_unfreeze(groups, epochs_per_stage: int = 1) -> Strategy:
   """Gradual unfreezing (ULMFiT, Howard & Ruder 2018): the head alone first, then one more
   group from the top each stage of `epochs_per_stage` epochs; the last stage trains every
@@ -228,6 +245,7 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "layer_decay": layer_decay,
     "lp_ft": lp_ft,
     "gradual_unfreeze": gradual_unfreeze,
+    "head_then_top": head_then_top,
     "bitfit": bitfit,
     "norm_only": norm_only,
     "l2_sp": l2_sp,

@@ -192,7 +192,7 @@ def train_cells(config, cells, name: str, workdir: str, run_cells: CellRunner,
 
   def run_selection(sel_cells, round_index):
     desc = f"{name} selection" + (f" (widened, round {round_index + 1})" if round_index else "")
-    return run_cells(sel_cells, _selection_dir(workdir), desc)[0]
+    return run_cells(sel_cells, _selection_dir(workdir), desc, final=False)[0]
 
   cells, outcome = selection.run(config, cells, run_selection)
   finals, reused = run_cells(cells, workdir, name)
@@ -224,7 +224,7 @@ def keep_models(config, cells, finals, workdir: str, retrain=None) -> dict:
       again = retrain(next(c for c in cells if c.id == f["cell_id"]), cell_dir)
       if (again["test_accuracy"], again["val_accuracy"]) != (f["test_accuracy"],
                                                              f["val_accuracy"]):
-        log.warning("warning: the retrained %s differs from its first run (test accuracy "
+        log.warning("the retrained %s differs from its first run (test accuracy "
                     "%.4f vs %.4f); the kept model is the retrained one", f["cell_id"],
                     again["test_accuracy"], f["test_accuracy"])
       best[target] = again
@@ -270,10 +270,12 @@ class CellRunner:
   """Trains cells and reports each as it finishes: in this process, or on a pool of worker
   processes (`config.workers`, tlresearch.workers) started once for the whole sweep.
 
-  `runner(cells, root, desc)` -> (final.json of every cell, how many were reused)."""
+  `runner(cells, root, desc, final)` -> (final.json of every cell, how many were reused);
+  `final` is False for selection cells."""
 
   def __init__(self, config, progress: bool):
     self.labels = dict(config.report.axis_labels)
+    self.print_reports = bool(config.report.get("classification_reports", False))
     self.progress = progress
     self.setting = config.workers
     self.backbones = cell_lib.Backbones()
@@ -309,7 +311,7 @@ class CellRunner:
   def __exit__(self, exc_type, *_):
     self.close(kill=exc_type is not None)
 
-  def __call__(self, cells, root, desc):
+  def __call__(self, cells, root, desc, final: bool = True):
     done = dict(zip((c.id for c in cells), _read_finals(cells, root)))
     for c in cells:  # save_model=all: a cell finished without its model trains again
       if (done[c.id] is not None and c.config.get("save_model", "none") == "all"
@@ -336,6 +338,8 @@ class CellRunner:
         for c, f in zip(groups[index], finals):
           done[c.id] = f
           log.info("%s", _summary_line(f, self.labels))
+          if self.print_reports and final:
+            log.info("%s", report.classification_report_text(f["classification_report"]))
         bar.update(len(finals))
 
       if self.pool is None:
@@ -383,6 +387,10 @@ def write_results(config, name: str, results_dir: str, finals: list[dict],
     if findings is not None:
       names += [os.path.basename(p)
                 for p in findings_lib.write(folder, name, findings, finals, command)]
+    if config.report.get("classification_reports", False):
+      io.write_text(os.path.join(folder, "classification_reports.md"),
+                    _classification_reports(name, finals, dict(config.report.axis_labels)))
+      names.append("classification_reports.md")
     return names
 
   return report.write(finals, axes, os.path.join(results_dir, name), name,
@@ -390,6 +398,17 @@ def write_results(config, name: str, results_dir: str, finals: list[dict],
                       metrics=config.report.metrics,
                       show_hparams=selection.enabled(config),
                       at_edge=outcome.at_edge if outcome is not None else set(), extra=extra)
+
+
+def _classification_reports(name: str, finals: list[dict], labels: dict) -> str:
+  """Every final cell's per-class test report (scikit-learn's layout), in grid order."""
+  out = [f"# {name}: per-class test reports", ""]
+  for f in finals:
+    axes = ", ".join(f"{labels.get(k, k)}={v}" for k, v in f["axes"].items())
+    out += [f"## {axes}", "", f"test accuracy {100 * f['test_accuracy']:.1f}%, macro F1 "
+            f"{100 * f['test_macro_f1']:.1f}%", "", "```",
+            report.classification_report_text(f["classification_report"]).rstrip(), "```", ""]
+  return "\n".join(out)
 
 
 def _summary_line(f: dict, labels: dict) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 
 from tlresearch import optim, parallel, penalty, probe, programs, timing
 from tlresearch.checkpoint import CheckpointError
-from tlresearch.data.augment import AugmentSpec
+from tlresearch.data.augment import FILL_MODES, AugmentSpec
 from tlresearch.errors import UserError, choices
 from tlresearch.strategies import FROZEN, frozen_groups, resolve, stage_epochs
 
@@ -40,7 +40,8 @@ IDENTITY_FIELDS = ("epochs", "batch_size", "optimizer", "lr", "warmup_epochs", "
                    "early_stopping")
 # Keys added after results existed: part of an identity only away from their default, so a
 # result trained before they existed keeps its identity (`configs.pick`).
-IDENTITY_DEFAULTS = {"compute_dtype": "float32"}
+IDENTITY_DEFAULTS = {"compute_dtype": "float32", "schedule": "warmup_cosine",
+                     "augment.fill_mode": "nearest"}
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -65,6 +66,11 @@ def check(cfg) -> None:
        f"train.seeds_mode must be one of {choices(SEEDS_MODES)}, got '{cfg.seeds_mode}'"),
       (cfg.probe_solver in probe.SOLVERS,
        f"train.probe_solver must be one of {choices(probe.SOLVERS)}, got '{cfg.probe_solver}'"),
+      (cfg.get("schedule", "warmup_cosine") in optim.SCHEDULES,
+       f"train.schedule must be one of {choices(optim.SCHEDULES)}, got '{cfg.get('schedule')}'"),
+      (cfg.augment.get("fill_mode", "nearest") in FILL_MODES,
+       f"train.augment.fill_mode must be one of {choices(FILL_MODES)}, got "
+       f"'{cfg.augment.get('fill_mode')}'"),
       (cfg.compute_dtype in COMPUTE_DTYPES,
        f"train.compute_dtype must be one of {choices(COMPUTE_DTYPES)}, got "
        f"'{cfg.compute_dtype}'"),
@@ -177,7 +183,7 @@ def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,
       momentum=float(cfg.momentum), start=start, frozen_bn=frozen_bn,
       augment=aug if start == groups[0] else None, batch_size=batch_size,
       steps_per_epoch=steps, penalty=tuple(stage.penalty), frozen_prefix=tuple(groups[:first]),
-      mesh=mesh, compute_dtype=cfg.compute_dtype)
+      mesh=mesh, compute_dtype=cfg.compute_dtype, schedule=cfg.get("schedule", "warmup_cosine"))
   inputs = programs.step_inputs(float(cfg.lr),
                                 float(cfg.weight_decay) if stage.weight_decay else 0.0,
                                 penalty.anchor(stage, flat_params, rule_by_path))

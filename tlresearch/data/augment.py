@@ -1,12 +1,17 @@
 """The classic image augmentations, on device, in JAX: rotation, width/height shift, shear,
 zoom and horizontal flip (the Keras `ImageDataGenerator` list), as one random affine map per
-image sampled with bilinear interpolation and nearest-edge fill."""
+image sampled with bilinear interpolation. Points outside the image are filled as Keras's
+`fill_mode` says: "nearest" (the edge pixel), "reflect" (d c b a | a b c d), "wrap"
+(a b c d | a b c d) or "constant" (black), with `jax.scipy.ndimage.map_coordinates`'s
+modes of those names."""
 from __future__ import annotations
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+FILL_MODES = ("nearest", "reflect", "wrap", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,13 +22,15 @@ class AugmentSpec:
   shear: float = 0.0          # max shear angle in degrees
   zoom: float = 0.0           # scale uniform in [1 - z, 1 + z], x and y independently
   horizontal_flip: bool = False
+  fill_mode: str = "nearest"  # FILL_MODES
 
   @classmethod
   def from_config(cls, cfg) -> "AugmentSpec | None":
     if not cfg.enabled:
       return None
     return cls(float(cfg.rotation), float(cfg.width_shift), float(cfg.height_shift),
-               float(cfg.shear), float(cfg.zoom), bool(cfg.horizontal_flip))
+               float(cfg.shear), float(cfg.zoom), bool(cfg.horizontal_flip),
+               str(cfg.get("fill_mode", "nearest")))
 
 
 def _one(key, image, spec: AugmentSpec):
@@ -48,7 +55,8 @@ def _one(key, image, spec: AugmentSpec):
   src = m @ jnp.stack([(yy - cy).ravel(), (xx - cx).ravel()])
   sy = (src[0] + cy + ty).reshape(h, w)
   sx = (src[1] + cx + tx).reshape(h, w)
-  sample = lambda ch: jax.scipy.ndimage.map_coordinates(ch, [sy, sx], order=1, mode="nearest")
+  sample = lambda ch: jax.scipy.ndimage.map_coordinates(ch, [sy, sx], order=1,
+                                                       mode=spec.fill_mode, cval=0.0)
   return jax.vmap(sample, in_axes=2, out_axes=2)(image)
 
 
