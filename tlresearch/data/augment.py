@@ -1,9 +1,12 @@
 """The classic image augmentations, on device, in JAX: rotation, width/height shift, shear,
 zoom and horizontal flip (the Keras `ImageDataGenerator` list), as one random affine map per
 image sampled with bilinear interpolation. Points outside the image are filled as Keras's
-`fill_mode` says: "nearest" (the edge pixel), "reflect" (d c b a | a b c d), "wrap"
-(a b c d | a b c d) or "constant" (black), with `jax.scipy.ndimage.map_coordinates`'s
-modes of those names."""
+`fill_mode` says, i.e. as `scipy.ndimage` modes of those names, which Keras's
+`apply_affine_transform` calls: "nearest" (the edge pixel), "reflect" (d c b a | a b c d),
+"wrap" (a b c d | a b c d, with scipy's period of n - 1: the last and first pixels overlap)
+or "constant" (black beyond the edges, no interpolation into them). JAX's own "wrap" and
+"constant" interpolate across the edge (scipy's "grid-" modes), so those two are built from
+"nearest" here (tested against scipy)."""
 from __future__ import annotations
 
 import dataclasses
@@ -55,9 +58,19 @@ def _one(key, image, spec: AugmentSpec):
   src = m @ jnp.stack([(yy - cy).ravel(), (xx - cx).ravel()])
   sy = (src[0] + cy + ty).reshape(h, w)
   sx = (src[1] + cx + tx).reshape(h, w)
-  sample = lambda ch: jax.scipy.ndimage.map_coordinates(ch, [sy, sx], order=1,
-                                                       mode=spec.fill_mode, cval=0.0)
-  return jax.vmap(sample, in_axes=2, out_axes=2)(image)
+  return jax.vmap(lambda ch: _sample(ch, sy, sx, spec.fill_mode), in_axes=2, out_axes=2)(image)
+
+
+def _sample(channel, sy, sx, fill_mode: str):
+  """Bilinear samples of one [H, W] channel at (sy, sx), filled as scipy's `fill_mode`."""
+  h, w = channel.shape
+  if fill_mode == "wrap":
+    sy, sx = jnp.mod(sy, max(h - 1, 1)), jnp.mod(sx, max(w - 1, 1))
+  mode = "nearest" if fill_mode in ("wrap", "constant") else fill_mode
+  out = jax.scipy.ndimage.map_coordinates(channel, [sy, sx], order=1, mode=mode)
+  if fill_mode == "constant":
+    out = jnp.where((sy >= 0) & (sy <= h - 1) & (sx >= 0) & (sx <= w - 1), out, 0.0)
+  return out
 
 
 def augment(key, images, spec: AugmentSpec):
