@@ -78,7 +78,7 @@ def test_best_keeps_the_best_configurations_best_seed_with_its_card(tmp_path):
   assert card["class_names"] == ["cat", "dog", "eel"] and card["strategy"] == "scratch"
   assert card["input"] == {"height": 16, "width": 16, "channels": 3, "dtype": "uint8",
                            "color": "RGB", "resize": recognizer.RESIZE,
-                           "preprocessing": "standard"}
+                           "preprocessing": "standard", "decode": "draft"}
   assert card["metrics"]["test_accuracy"] == want["test_accuracy"]
   assert card["config"]["model"]["dropout_rate"] == want["axes"]["model.dropout_rate"]
   r = recognizer.load(path)

@@ -34,6 +34,11 @@ MODEL_DIR = "model"  # inside a cell's folder
 # How predict and export bring an image to the input size; the training pipeline's resize
 # (tlresearch.data.images).
 RESIZE = "pillow_bilinear_antialiased"
+# How the training images were decoded: "draft" (a `folder:` dataset resized to
+# model.input_size: JPEGs decoded at a reduced scale when that suffices, data.folder) or
+# "full" (every other dataset: decoded at full size, then resized).
+DECODES = ("draft", "full")
+CHUNK = 64  # images per call in Recognizer.probabilities (one compiled shape)
 
 
 def check(save_model) -> None:
@@ -59,13 +64,19 @@ def card(cfg, final: dict, class_names, image_shape, style: str) -> dict:
       "model": cfg.model.to_dict(),
       "class_names": [str(c) for c in class_names],
       "input": {"height": int(image_shape[0]), "width": int(image_shape[1]), "channels": 3,
-                "dtype": "uint8", "color": "RGB", "resize": RESIZE, "preprocessing": style},
+                "dtype": "uint8", "color": "RGB", "resize": RESIZE, "preprocessing": style,
+                "decode": decode_of(cfg)},
       "metrics": {k: final[k] for k in ("test_accuracy", "test_macro_f1", "val_accuracy",
                                         "best_epoch", "epochs_run", "classification_report")},
       "hparams": final["hparams"],
       "config": cfg.to_dict(),
       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
+
+
+def decode_of(cfg) -> str:
+  """How the cell's training images were decoded (`DECODES`)."""
+  return "draft" if str(cfg.target).startswith("folder:") and cfg.model.input_size else "full"
 
 
 def save(path: str, variables: dict, model_card: dict) -> None:
@@ -82,10 +93,34 @@ def read_card(path: str) -> dict:
   except (OSError, ValueError):
     raise UserError(f"{path} is not a kept model: no readable {CARD} (make one with "
                     "--config.save_model=best or all)") from None
-  if c.get("format") != CARD_FORMAT:
-    raise UserError(f"{path}/{CARD} has format {c.get('format')!r}; this version reads "
+  if not isinstance(c, dict) or c.get("format") != CARD_FORMAT:
+    raise UserError(f"{path}/{CARD} has format "
+                    f"{c.get('format') if isinstance(c, dict) else None!r}; this version reads "
                     f"'{CARD_FORMAT}'")
+  problem = _card_problem(c)
+  if problem:
+    raise UserError(f"{path}/{CARD} is damaged: {problem}")
   return c
+
+
+def _card_problem(c: dict) -> str | None:
+  """What makes a card unusable (None when nothing does)."""
+  from tlresearch.data import preprocess
+  names, spec = c.get("class_names"), c.get("input")
+  if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+    return "class_names must be a non-empty list of names"
+  if not isinstance(c.get("model"), dict) or "family" not in c["model"]:
+    return "model must be the model config (with its family)"
+  if not isinstance(spec, dict):
+    return "input must describe the images"
+  for key in ("height", "width"):
+    if not isinstance(spec.get(key), int) or spec[key] < 1:
+      return f"input.{key} must be an integer >= 1"
+  if spec.get("preprocessing") not in preprocess.STYLES:
+    return f"input.preprocessing must be one of {choices(preprocess.STYLES)}"
+  if spec.get("decode", "full") not in DECODES:
+    return f"input.decode must be one of {choices(DECODES)}"
+  return None
 
 
 class Recognizer:
@@ -116,7 +151,17 @@ class Recognizer:
     return lambda images: self.apply(self.variables, images)
 
   def probabilities(self, images) -> np.ndarray:
-    return np.asarray(self._apply(self.variables, jnp.asarray(images, jnp.uint8)))
+    """In chunks of CHUNK images (the last one padded), so any number compiles once."""
+    images = np.asarray(images, np.uint8)
+    n = len(images)
+    size = min(CHUNK, max(n, 1))
+    out = []
+    for start in range(0, n, size):
+      chunk = images[start:start + size]
+      padded = np.zeros((size,) + images.shape[1:], np.uint8)
+      padded[:len(chunk)] = chunk
+      out.append(np.asarray(self._apply(self.variables, padded))[:len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
 
 
 def load(path: str) -> Recognizer:
