@@ -9,7 +9,7 @@ from PIL import Image
 
 from experiments import finetune_sweep
 from tests.conftest import tiny_train_cfg
-from tlresearch import recognizer, sweep
+from tlresearch import export, predict, recognizer, sweep
 from tlresearch.errors import UserError
 
 
@@ -84,6 +84,22 @@ def test_best_keeps_the_best_configurations_best_seed_with_its_card(tmp_path):
   r = recognizer.load(path)
   probs = r.probabilities(np.zeros((3, 16, 16, 3), np.uint8))
   assert probs.shape == (3, 3) and np.allclose(probs.sum(-1), 1, atol=1e-6)
+
+  # Deploy it: export, then predict the test folder (plus two bad files) from the export.
+  out = tmp_path / "export"
+  export.export(path, str(out), ["jax"], log=lambda _: None)
+  test_dir = tmp_path / "imgs" / "test"
+  (test_dir / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+  (test_dir / "notes.txt").write_text("not an image")
+  results, skipped = predict.predict(str(out), [str(test_dir)], top_k=1)
+  assert sorted(os.path.basename(p) for p in skipped) == ["broken.jpg", "notes.txt"]
+  # The same labels as the kept model in this process, and the cell's own test accuracy.
+  files = [p for p, _ in results]
+  images = np.stack([predict.read_image(p, (16, 16), "draft") for p in files])
+  in_process = np.asarray(r.class_names)[r.probabilities(images).argmax(-1)]
+  assert [labels[0][0] for _, labels in results] == list(in_process)
+  correct = [labels[0][0] == os.path.basename(os.path.dirname(p)) for p, labels in results]
+  assert np.float32(np.mean(correct)) == np.float32(want["test_accuracy"])
 
 
 def test_all_keeps_every_final_cell_and_none_keeps_nothing(tmp_path):

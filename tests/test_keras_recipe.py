@@ -1,6 +1,8 @@
 """The Keras recipe is the same recipe: its head trained here for one epoch on the frozen
 base's features matches Keras `model.fit` from the same initial weights; its pieces
 (head_then_top, fill_mode, a constant schedule, the per-class report) do what they say."""
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -9,7 +11,7 @@ import pytest
 from sklearn import metrics as skm
 
 from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
-from tlresearch import models, optim, programs, report, strategies, train
+from tlresearch import models, optim, programs, recognizer, report, strategies, train
 from tlresearch.data import augment as augment_lib
 from tlresearch.data import preprocess
 
@@ -94,3 +96,34 @@ def test_classification_report_text_is_scikit_learns():
   as_dict = skm.classification_report(y, p, target_names=names, output_dict=True)
   assert report.classification_report_text(as_dict) == skm.classification_report(
       y, p, target_names=names, digits=3)
+
+
+@pytest.mark.slow
+def test_the_documented_smoke_override_runs_the_recipe_on_a_folder(tmp_path):
+  """experiments/keras_recipe.py's CPU smoke override, on a generated folder (the source
+  backbone pretrained on mocked glyphs, 1 epoch): table, per-class reports, a kept model."""
+  import tensorflow_datasets as tfds
+  from tests.test_keep import _folder
+  from tlresearch import run
+  root = _folder(tmp_path / "imgs")
+  args = ["--experiment=keras_recipe", f"--workdir={tmp_path / 'work'}",
+          f"--results_dir={tmp_path / 'results'}", "--no_progress",
+          f"--config.targets=['folder:{root}']", "--config.model.family=resnet",
+          "--config.model.pretrained=", "--config.model.width=16",
+          "--config.model.input_size=32", "--config.seeds=[0]", "--config.train.epochs=2",
+          "--config.selection.enabled=False", f"--config.cache_dir={tmp_path / 'cache'}",
+          f"--config.data_dir={tmp_path / 'data'}", "--config.pretrain.train.epochs=1"]
+  with tfds.testing.mock_data(num_examples=16):
+    assert run.main(args) == 0
+  out = tmp_path / "results" / "keras_recipe"
+  table = (out / "table.md").read_text()
+  for s in ("head_then_top:k=1,lr_scale=0.1,head=0.5", "linear_probe", "partial:k=1", "full",
+            "lp_ft:probe=0.5"):
+    assert f"| {s} |" in table
+  reports = (out / "classification_reports.md").read_text()
+  assert reports.count("weighted avg") == 5 and "precision    recall  f1-score" in reports
+  kept = json.loads((tmp_path / "work" / "kept_models.json").read_text())
+  (best,) = kept["best"].values()
+  card = recognizer.read_card(best["model"])
+  assert card["model"]["head"] == {"pooling": "flatten", "hidden": [256], "activation": "relu"}
+  assert card["config"]["train"]["augment"]["fill_mode"] == "nearest"
