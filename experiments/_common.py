@@ -121,6 +121,7 @@ def data() -> ml_collections.ConfigDict:
   d.vtab1k = False             # VTAB-1k: 800 train + 200 validation drawn from train
   d.val_examples = 0           # >0: a fixed random subset of validation (CPU smoke runs)
   d.test_examples = 0          # >0: the same for test; 0 = the whole split
+  d.follow_external_links = False  # folder: follow symbolic links that leave the dataset's folder
   return d
 
 

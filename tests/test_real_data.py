@@ -85,7 +85,7 @@ def test_folder_errors_are_one_line_and_fast(tmp_path):
     data_lib.load(f"folder:{root}", image_size=16)
   (root / "train" / "fox" / "x.png").unlink()
   (root / "train" / "fox").rmdir()
-  with pytest.raises(UserError, match="have different sizes .*: set model.input_size"):
+  with pytest.raises(UserError, match="images differ in size .*: set model.input_size"):
     data_lib.load(f"folder:{root}")
   assert time.perf_counter() - t0 < 5
 

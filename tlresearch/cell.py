@@ -38,7 +38,8 @@ def identity_defaults() -> dict:
   """Keys added after results existed, at the values that leave earlier identities as they
   were (`configs.pick`)."""
   return ({f"train.{k}": v for k, v in train.IDENTITY_DEFAULTS.items()}
-          | {f"model.{k}": v for k, v in models.IDENTITY_DEFAULTS.items()})
+          | {f"model.{k}": v for k, v in models.IDENTITY_DEFAULTS.items()}
+          | {"data.follow_external_links": False})
 
 
 def identity(config) -> dict:
@@ -128,15 +129,62 @@ def keeps_model(cfg) -> bool:
   return cfg.get("save_model", "none") != "none"
 
 
+# What the tables, selection and kept models read from a final.json, and its type.
+_NUMBER = (int, float)
+FINAL_FIELDS = {"cell_id": str, "axes": dict, "status": str, "strategy": str, "target": str,
+                "seed": int, "test_accuracy": _NUMBER, "test_loss": _NUMBER,
+                "test_macro_f1": _NUMBER, "val_accuracy": _NUMBER, "best_epoch": int,
+                "epochs_run": int, "budget_limited": bool, "trainable_params": int,
+                "hparams": dict, "classification_report": dict, "wall_seconds": _NUMBER,
+                "compile_seconds": _NUMBER}
+
+
+def final_problem(final, cell) -> str | None:
+  """Why a final.json cannot stand for `cell` (a missing or mistyped field, another cell's
+  record), or None."""
+  if not isinstance(final, dict):
+    return "it is not a JSON object"
+  if final.get("status") not in ("ok", "diverged"):
+    return f"its status is {final.get('status')!r}"
+  for key, kind in FINAL_FIELDS.items():
+    if key not in final:
+      return f"it has no '{key}'"
+    if not isinstance(final[key], kind) or (kind is int and isinstance(final[key], bool)):
+      return f"its '{key}' is {final[key]!r}"
+  if final["cell_id"] != cell.id or final["axes"] != cell.axes:
+    return "it is another cell's record"
+  return None
+
+
+def data_digest(cfg) -> str | None:
+  """What a `folder:` target holds (data.folder.content_digest; None for other datasets,
+  whose content the cell's identity already names)."""
+  if not str(cfg.target).startswith("folder:"):
+    return None
+  from tlresearch.data import folder
+  return folder.content_digest(cfg.target[len("folder:"):],
+                               bool(cfg.data.get("follow_external_links", False)))
+
+
 def finished(cell_dir: str, cell) -> dict | None:
-  """The cell's final.json when it finished under exactly this config, else None."""
+  """The cell's final.json when it finished under exactly this config and holds what the
+  tables need, else None (a damaged one is reported: the cell trains again)."""
   try:
     saved = io.read_json(os.path.join(cell_dir, "config.json"))
     final = io.read_json(os.path.join(cell_dir, "final.json"))
   except (OSError, ValueError):
     return None
-  same = identity(saved.get("config", {})) == identity(cell.config)
-  return final if same and final.get("status") in ("ok", "diverged") else None
+  if not isinstance(saved, dict) or identity(saved.get("config", {})) != identity(cell.config):
+    return None
+  if saved.get("data_digest") != data_digest(cell.config):
+    log.info("%s: the files of %s changed since the cell trained: it trains again", cell_dir,
+             cell.config.target)
+    return None
+  problem = final_problem(final, cell)
+  if problem is not None:
+    log.warning("%s/final.json cannot be reused (%s): the cell trains again", cell_dir, problem)
+    return None
+  return final
 
 
 # ---------------------------------------------------------------- training
@@ -167,7 +215,8 @@ def run(cells, cell_dirs, pretrained: dict | None) -> list[dict]:
     with timing.phase("files"):
       for c, cell_dir in zip(cells, cell_dirs):
         io.write_json(os.path.join(cell_dir, "config.json"),
-                      {"cell_id": c.id, "axes": c.axes, "config": c.config.to_dict()})
+                      {"cell_id": c.id, "axes": c.axes, "config": c.config.to_dict(),
+                       "data_digest": data_digest(c.config)})
     with timing.phase("data"):
       datas = [data_lib.load_for(cfg) for cfg in cfgs]
       data_reports = [data_lib.report(ds) for ds in datas]  # skipped files, carved splits

@@ -49,6 +49,41 @@ def _slug(v) -> str:
   return re.sub(r"[^A-Za-z0-9.]+", "-", str(v)).strip("-")
 
 
+SEED_RANGE = (0, 2**31 - 1)  # seeds key JAX's and numpy's generators
+
+
+def check(config) -> None:
+  """UserError for a grid that would be empty or whose seeds are not usable: every block
+  and value list non-empty, targets non-empty, seeds distinct integers in SEED_RANGE."""
+  if not config.grid:
+    raise UserError("config.grid is empty: nothing to run")
+  for name in ("targets", "seeds"):
+    if isinstance(config[name], (str, bytes)) or not len(config[name]):
+      raise UserError(f"config.{name} must be a non-empty list, got {config[name]!r}")
+  lo, hi = SEED_RANGE
+  for s in config.seeds:
+    if isinstance(s, bool) or not isinstance(s, int) or not lo <= s <= hi:
+      raise UserError(f"config.seeds must be integers in [{lo}, {hi}], got {s!r}")
+  if len(set(config.seeds)) != len(config.seeds):
+    raise UserError(f"config.seeds has a repeated seed: {list(config.seeds)}")
+  for i, block in enumerate(config.grid):
+    if not block:
+      raise UserError(f"config.grid block {i} is empty: give it at least one axis")
+    for key, values in block.items():
+      if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise UserError(f"grid values for '{key}' must be a list, got {values!r}")
+      if not len(values):
+        raise UserError(f"grid values for '{key}' (block {i}) are empty: give at least one")
+
+
+def set_per_cell(config) -> set[str]:
+  """Keys whose config value no cell ever uses: target and seed, and the axes every block
+  sets. Overriding one on the command line would be silently ignored."""
+  blocks = [set(b) for b in config.grid]
+  every = set.intersection(*blocks) if blocks else set()
+  return {"target", "seed"} | every
+
+
 def cell_id(axes: dict) -> str:
   digest = hashlib.sha1(json.dumps(axes, sort_keys=True).encode()).hexdigest()[:8]
   return "_".join(_slug(v) for v in axes.values()) + "-" + digest
@@ -56,8 +91,7 @@ def cell_id(axes: dict) -> str:
 
 def expand(config) -> list[Cell]:
   """All cells of the grid, in a stable order, duplicates removed."""
-  if not config.grid:
-    raise UserError("config.grid is empty: nothing to run")
+  check(config)
   keys = axes_of(config)
   base = base_axes(config)
   cells, seen = [], set()
@@ -65,8 +99,6 @@ def expand(config) -> list[Cell]:
     combos = [{}]
     for key, values in block.items():
       _get(config, key)
-      if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise UserError(f"grid values for '{key}' must be a list, got {values!r}")
       combos = [{**c, key: v} for c in combos for v in values]
     for target in config.targets:
       for combo in combos:

@@ -145,3 +145,29 @@ def replace_dir(tmp: str, path: str) -> None:
   os.replace(tmp, path)
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(path: str, what: str) -> None:
+  """UserError naming `what` and the path unless folder `path` can be written, or created
+  and written: a file in the way, a read-only or full disk. Creates nothing: a missing
+  folder is checked at its nearest existing parent."""
+  from tlresearch.errors import UserError
+  probe_dir = os.path.abspath(path)
+  while not os.path.exists(probe_dir):
+    probe_dir = os.path.dirname(probe_dir)
+  if not os.path.isdir(probe_dir):
+    raise UserError(f"{what} {path}: {probe_dir} exists and is not a folder")
+  if not os.access(probe_dir, os.W_OK | os.X_OK):
+    raise UserError(f"{what} {path} is not writable ({probe_dir}: permission denied)")
+  try:
+    fd, probe = tempfile.mkstemp(dir=probe_dir, prefix=".write-check-")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise UserError(f"{what} {path} is not writable ({probe_dir}: {e.strerror or e})") from None
+
+
+def os_error_line(e: OSError) -> str:
+  """One line for an operating-system failure: what failed, and on which path."""
+  paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
+  return f"{e.strerror or type(e).__name__}" + (f": {paths}" if paths else f" ({e})")

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tlresearch.data import folder
 from tlresearch.data.images import resize_pil
 from tlresearch.errors import UserError, choices
 
@@ -117,7 +118,7 @@ def read_image(path: str, size: tuple[int, int], decode: str = "draft"):
     with Image.open(path) as img:
       if decode == "draft":
         img.draft("RGB", (w, h))  # JPEG: decode at a reduced scale when that suffices
-      img = img.convert("RGB")
+      img = folder.to_rgb(img)
       img = resize_pil(img, h) if h == w else img.resize((w, h), Image.BILINEAR,
                                                          reducing_gap=None)
       return np.asarray(img, np.uint8)

@@ -360,6 +360,25 @@ def line_plot(finals, series: list, path: str, title: str, metric: str = "test_a
   return path
 
 
+def check_replaceable(out_dir: str) -> None:
+  """UserError unless `out_dir` is absent, empty, or this project's earlier output (it
+  holds runs.csv or summary.json): writing the tables replaces the folder whole, and must
+  never delete someone else's files or follow a link out of it."""
+  from tlresearch.errors import UserError
+  if os.path.islink(out_dir):
+    raise UserError(f"the results folder {out_dir} is a symbolic link; give the folder it "
+                    "points to as --results_dir, or remove the link")
+  if not os.path.exists(out_dir):
+    return
+  if not os.path.isdir(out_dir):
+    raise UserError(f"the results folder {out_dir} exists and is not a folder")
+  entries = os.listdir(out_dir)
+  if entries and not {"runs.csv", "summary.json"} & set(entries):
+    raise UserError(f"{out_dir} exists and is not an earlier output of this project (no "
+                    "runs.csv); it would be replaced whole: move it or choose another "
+                    "--results_dir")
+
+
 def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
           labels: dict | None = None, reference: tuple | None = None, metrics=None,
           show_hparams: bool = False, at_edge=frozenset(), extra=None) -> list[str]:
@@ -372,6 +391,7 @@ def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
   labels = labels or {}
   title = f"{name}: test metrics per strategy configuration and target"
   names = ["runs.csv", "timing.csv", "table.md", "table.tex", "accuracy.png"]
+  check_replaceable(out_dir)
   with io.atomic_dir(out_dir) as tmp:
     io.write_text(os.path.join(tmp, "runs.csv"), runs_csv(finals, axes))
     io.write_text(os.path.join(tmp, "timing.csv"), runs_csv(finals, axes, TIMING_COLUMNS))

@@ -14,9 +14,13 @@ Flags:
                       nothing; fails, writing nothing, while a cell is unfinished)
   --config.KEY=VALUE  override a config value; VALUE is a Python literal or a bare string
 
-Bad input (unknown experiment, config key or name, invalid value, missing data) prints one
-line naming the problem and the valid choices and exits with status 2, before any training
-and before anything is written to the results folder.
+Bad input (unknown experiment, config key or name, invalid value, missing data, a folder
+that cannot be written) prints one line naming the problem and the valid choices and exits
+with status 2, before any training and before anything is written to the results folder.
+Exit status 3: the operating system refused later (a full disk, a folder made read-only),
+one line naming the path; 130: interrupted (Ctrl-C); 143: terminated (SIGTERM, as a
+scheduler sends at the end of a job's time). In those three cases finished cells and
+checkpoints are kept and the lock is released: the same command resumes.
 """
 from __future__ import annotations
 
@@ -135,7 +139,54 @@ def load_config(name: str | None, overrides, names: dict | None = None):
   for dotted, text in overrides:
     apply_override(config, dotted, text)
   config.lock()  # from here on a misspelt key is an error, never a new key
+  check_values(config)
+  if config.get("kind") == "sweep":
+    check_overrides(config, [d for d, _ in overrides])
   return config, module
+
+
+def check_values(config, prefix: str = "") -> None:
+  """UserError naming the first float that is not finite (1e999, nan) anywhere in config."""
+  import math
+  import ml_collections
+  items = config.items() if isinstance(config, (dict, ml_collections.ConfigDict)) else \
+      enumerate(config)
+  for key, value in items:
+    dotted = f"{prefix}{key}" if isinstance(key, str) else f"{prefix[:-1]}[{key}]"
+    if isinstance(value, float) and not math.isfinite(value):
+      raise UserError(f"config.{dotted} must be a finite number, got {value}")
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      check_values(value, f"{dotted}.")
+    elif isinstance(value, (list, tuple)):
+      check_values(value, f"{dotted}.")
+
+
+def check_overrides(config, dotted_keys) -> None:
+  """UserError for an override that no cell would see (the grid sets that key per cell),
+  saying how to restrict the grid instead."""
+  from tlresearch import grid
+  if not config.grid:
+    return
+  ignored = grid.set_per_cell(config)
+  for dotted in dotted_keys:
+    if dotted not in ignored:
+      continue
+    if dotted in ("target", "seed"):
+      advice = f"--config.{dotted}s=[...] chooses them (e.g. --config.{dotted}s=" + \
+          ("\"['digits']\"" if dotted == "target" else "[0]") + ")"
+    else:
+      value = configs_value(config, dotted)
+      advice = (f"restrict the grid instead, e.g. --config.grid=\"[{{'{dotted}': "
+                f"[{value!r}]}}]\"")
+    raise UserError(f"--config.{dotted} has no effect: every cell of the grid sets {dotted} "
+                    f"itself; {advice}")
+
+
+def configs_value(config, dotted: str):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
 
 
 def main(argv: list[str]) -> int:
@@ -152,6 +203,10 @@ def main(argv: list[str]) -> int:
   config, module = load_config(name, overrides, names)
   if config.kind not in ("pretrain", "sweep"):
     raise UserError(f"experiment '{name}' has unknown kind '{config.kind}'; valid: pretrain, sweep")
+  for key in ("workdir", "results_dir"):
+    if key in flags and not flags[key].strip():
+      raise UserError(f"--{key} is empty; give a folder (default: "
+                      f"{'workdir/NAME' if key == 'workdir' else 'results'})")
   task_index, num_tasks = task_of(flags)
   merge, overwrite = _true(flags, "merge"), _true(flags, "overwrite")
   if config.kind == "pretrain" and (merge or num_tasks != 1):
@@ -202,17 +257,35 @@ def setup_logging() -> None:
   logger.propagate = False
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (a scheduler ending a job), handled as Ctrl-C is: every `finally` and context
+  manager runs (workers stopped, locks released, nothing half-written)."""
+
+
+def _on_sigterm(signum, frame):
+  raise Terminated()
+
+
 def cli() -> None:
+  import signal
   sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen
   setup_logging()
+  signal.signal(signal.SIGTERM, _on_sigterm)
   try:
     code = main(sys.argv[1:])
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     code = 2
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    code = 130
+  except OSError as e:  # a full disk, a folder that became read-only, ...: the machine said no
+    from tlresearch import io
+    print(f"error: {io.os_error_line(e)}", file=sys.stderr)
+    code = 3
+  except KeyboardInterrupt as e:
+    # Finished cells and each cell's latest checkpoint stay: the same command resumes.
+    term = isinstance(e, Terminated)
+    print(f"{'terminated (SIGTERM)' if term else 'interrupted'}: finished cells and checkpoints "
+          "are kept; run the same command again to resume", file=sys.stderr)
+    code = 143 if term else 130
   sys.exit(code)
 
 

@@ -48,6 +48,7 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   t0 = time.perf_counter()
   timing.reset()
   grid.check_task(task_index, num_tasks)
+  check_folders(config, name, workdir, results_dir)
   if overwrite and num_tasks > 1:
     raise UserError("--overwrite cannot be used with --num_tasks > 1: it would delete the other "
                     "tasks' cells; clear the workdir once before launching the tasks instead")
@@ -79,6 +80,22 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
         + ", ".join(paths))
   return {"cells": len(cells), "reused": reused, "seconds": seconds, "outputs": paths,
           "workers": runner.workers, "phases": timing.snapshot()}
+
+
+def check_folders(config, name: str, workdir: str, results_dir: str) -> None:
+  """UserError now, before anything trains, for a results folder, workdir or cache that
+  cannot be written (a file in the way, a read-only or full disk), and for a results
+  folder `results_dir/name` whose replacement would delete what is not this project's."""
+  out = os.path.join(results_dir, name)
+  real_out, real_work = os.path.realpath(out), os.path.realpath(workdir)
+  if real_work == real_out or real_work.startswith(real_out + os.sep):
+    raise UserError(f"the workdir {workdir} is inside {out}, which is replaced whole when the "
+                    "tables are written: choose another --workdir or --results_dir")
+  report.check_replaceable(out)
+  io.check_writable(results_dir, "the results folder (--results_dir)")
+  io.check_writable(workdir, "the workdir (--workdir)")
+  io.check_writable(config.cache_dir or pretrain.default_cache_dir(),
+                    "the cache folder (cache_dir / $TLRESEARCH_CACHE_DIR)")
 
 
 def _unfinished(cells, sel_cells, workdir: str, overwrite: bool) -> int:
@@ -114,6 +131,7 @@ def merge_grid(config, name: str, workdir: str, results_dir: str,
   backbone; while any cell is unfinished, raises UserError and writes nothing."""
   t0 = time.perf_counter()
   cells = grid.expand(config)
+  check_folders(config, name, workdir, results_dir)
 
   def read_selection(sel_cells, round_index):
     finals = _read_finals(sel_cells, _selection_dir(workdir))
@@ -422,6 +440,9 @@ def _summary_line(f: dict, labels: dict) -> str:
 def run_pretrain(config, name: str, results_dir: str, overwrite: bool = False) -> dict:
   """Builds (or reuses) the cached source checkpoint and writes its summary to results."""
   pcfg = pretrain.for_model(config.pretrain, config.pretrain.model)
+  io.check_writable(results_dir, "the results folder (--results_dir)")
+  io.check_writable(config.cache_dir or pretrain.default_cache_dir(),
+                    "the cache folder (cache_dir / $TLRESEARCH_CACHE_DIR)")
   enable_compile_cache(config.cache_dir or None)
   path = pretrain.checkpoint_dir(pcfg, config.cache_dir or None)
   if overwrite and os.path.exists(path):

@@ -47,7 +47,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 def check(cfg) -> None:
   """UserError for an invalid value of a `train` config, before anything trains."""
-  es = cfg.early_stopping
+  es, aug = cfg.early_stopping, cfg.augment
   rules = [
       (cfg.epochs >= 1, f"train.epochs must be >= 1, got {cfg.epochs}"),
       (cfg.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.batch_size}"),
@@ -71,6 +71,10 @@ def check(cfg) -> None:
       (cfg.augment.get("fill_mode", "nearest") in FILL_MODES,
        f"train.augment.fill_mode must be one of {choices(FILL_MODES)}, got "
        f"'{cfg.augment.get('fill_mode')}'"),
+      (aug.rotation >= 0, f"train.augment.rotation must be >= 0 (degrees), got {aug.rotation}"),
+      (aug.shear >= 0, f"train.augment.shear must be >= 0 (degrees), got {aug.shear}"),
+      *((0 <= aug[k] < 1, f"train.augment.{k} must be in [0, 1), got {aug[k]}")
+        for k in ("width_shift", "height_shift", "zoom")),
       (cfg.compute_dtype in COMPUTE_DTYPES,
        f"train.compute_dtype must be one of {choices(COMPUTE_DTYPES)}, got "
        f"'{cfg.compute_dtype}'"),

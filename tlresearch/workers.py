@@ -112,6 +112,8 @@ class Pool:
       timing.add_all(ledger)
       if error is not None:
         kind, message = error
+        if kind == "os":  # the sweep reports it as its own OSError: one line, exit 3
+          raise OSError(*message)
         raise UserError(message) if kind == "user" else RuntimeError(
             f"a worker process failed:\n{message}")
       on_done(index, finals)
@@ -190,6 +192,9 @@ def _serve(index, inbox, results, logs, compile_cache, level) -> None:
       results.put((index, task_index, finals, timing.snapshot(), None))
     except UserError as e:
       results.put((index, task_index, None, timing.snapshot(), ("user", str(e))))
+    except OSError as e:
+      results.put((index, task_index, None, timing.snapshot(),
+                   ("os", (e.errno, e.strerror, e.filename))))
     except Exception:  # pylint: disable=broad-except  (reported by the parent, which stops)
       results.put((index, task_index, None, timing.snapshot(),
                    ("error", traceback.format_exc())))

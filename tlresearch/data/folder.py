@@ -5,8 +5,9 @@ train (per class, seeded; see `splits.assemble`).
 
 Any format Pillow reads (JPEG, PNG, GIF, BMP, TIFF, WebP, ...) is decoded to RGB and resized
 (bilinear, antialiased) to the model's input size; files in subfolders of a class folder
-belong to that class. Files that are not readable images are skipped and reported; hidden
-files (names starting with '.') are ignored. A class folder without any readable image is an
+belong to that class; each file is read once, however many links reach it (`Walk`), and
+deeper bit depths are scaled to 8 bits (`to_rgb`). Files that are not readable images are
+skipped and reported; hidden files (names starting with '.') are ignored. A class folder without any readable image is an
 error, not an empty class.
 """
 from __future__ import annotations
@@ -22,14 +23,76 @@ from tlresearch.errors import UserError
 
 SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
 LAYOUT = "PATH/train/<class>/<images> (+ optional PATH/validation/, PATH/test/)"
+# Pillow modes of more than 8 bits per channel, and the largest value of each: scaled to 8 bits.
+DEEP_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
 
 
-def _files(class_dir: str) -> list[str]:
-  out = []
-  for root, dirs, files in os.walk(class_dir, followlinks=True):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    out += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
-  return out
+class Walk:
+  """Reads the files of one dataset folder exactly once.
+
+  A file is counted once however many links (symbolic or hard) reach it, and belongs to the
+  class folder it is found in. A symbolic link to a file or folder inside the dataset is not
+  followed (the target is read where it really is: a link `train/a/loop -> ..` cannot bring
+  other classes' images into class `a`, nor a test image into train); a link leaving the
+  dataset is followed only with `data.follow_external_links`, and never into a folder the
+  walk has already entered. Whatever is not followed is reported (`links`)."""
+
+  def __init__(self, root: str, follow_external: bool):
+    self.root, self.follow_external = os.path.realpath(root), follow_external
+    self.inodes: set = set()
+    self.dirs: set = set()
+    self.links: list[str] = []     # what was not followed, and why
+
+  def _inside(self, real: str) -> bool:
+    return real == self.root or real.startswith(self.root + os.sep)
+
+  def files(self, folder: str) -> list[str]:
+    """Image candidates under `folder`, in sorted order, hidden names ignored."""
+    out = []
+    real = os.path.realpath(folder)
+    if real in self.dirs:
+      self.links.append(f"{folder} (a folder already read)")
+      return out
+    self.dirs.add(real)
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+      if entry.name.startswith("."):
+        continue
+      if entry.is_symlink():
+        target = os.path.realpath(entry.path)
+        if self._inside(target):
+          self.links.append(f"{entry.path} -> {target} (inside the dataset: read there)")
+          continue
+        if not self.follow_external:
+          self.links.append(f"{entry.path} -> {target} (outside the dataset; "
+                            "data.follow_external_links=True follows it)")
+          continue
+        if not os.path.exists(target):
+          self.links.append(f"{entry.path} (a broken link)")
+          continue
+      if entry.is_dir():
+        out += self.files(entry.path)
+      elif entry.is_file():
+        st = entry.stat()
+        if (st.st_dev, st.st_ino) in self.inodes:
+          self.links.append(f"{entry.path} (the same file as one already read)")
+          continue
+        self.inodes.add((st.st_dev, st.st_ino))
+        out.append(entry.path)
+    return out
+
+
+def to_rgb(img):
+  """A PIL image as 8-bit RGB. Deeper greyscale (16-bit `I;16*`, `I` as from 16-bit PNGs) is
+  scaled from its full range, `F` from [0, 1] (or [0, 255] when it exceeds 1), never
+  clipped; L, LA, P, RGBA (alpha dropped, as Keras's loader does), CMYK, 1 and the others
+  convert as Pillow converts them."""
+  from PIL import Image
+  if img.mode in DEEP_MODES or img.mode == "F":
+    a = np.asarray(img, np.float64)
+    top = DEEP_MODES.get(img.mode) or (1.0 if a.size and a.max() <= 1.0 else 255.0)
+    a = np.clip(a, 0, top) * (255.0 / top)
+    img = Image.fromarray(np.round(a).astype(np.uint8), "L")
+  return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _decode(path: str, size: int | None):
@@ -39,7 +102,7 @@ def _decode(path: str, size: int | None):
     with Image.open(path) as img:
       if size is not None:
         img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when that suffices
-      img = img.convert("RGB")
+      img = to_rgb(img)
       if size is not None:
         img = resize_pil(img, size)
       return np.asarray(img, np.uint8)
@@ -47,7 +110,8 @@ def _decode(path: str, size: int | None):
     return None
 
 
-def _read_split(split_dir: str, classes: list[str], size: int | None, name: str, pool):
+def _read_split(split_dir: str, classes: list[str], size: int | None, name: str, pool,
+                walk: Walk):
   present = sorted(d for d in os.listdir(split_dir)
                    if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith("."))
   unknown = sorted(set(present) - set(classes))
@@ -58,9 +122,11 @@ def _read_split(split_dir: str, classes: list[str], size: int | None, name: str,
   for label, c in enumerate(classes):
     if c not in present:
       continue
-    files = _files(os.path.join(split_dir, c))
+    files = walk.files(os.path.join(split_dir, c))
     if not files:
-      raise UserError(f"{name}: class folder {os.path.join(split_dir, c)} is empty")
+      raise UserError(f"{name}: class folder {os.path.join(split_dir, c)} is empty"
+                      + (" (links not followed: see data.follow_external_links)"
+                         if walk.links else ""))
     paths += files
     labels += [label] * len(files)
   images = list(pool.map(lambda p: _decode(p, size), paths))
@@ -71,10 +137,14 @@ def _read_split(split_dir: str, classes: list[str], size: int | None, name: str,
     if c in present and read[label] == 0:
       raise UserError(f"{name}: class folder {os.path.join(split_dir, c)} has no readable "
                       "images")
-  shapes = {images[i].shape for i in ok}
-  if len(shapes) > 1:
-    raise UserError(f"{name}: images in {split_dir} have different sizes "
-                    f"({', '.join(map(str, sorted(shapes)[:3]))}, ...): set model.input_size")
+  first = {}
+  for i in ok:
+    first.setdefault(images[i].shape[:2], paths[i])
+  if len(first) > 1:
+    (a, pa), (b, pb) = list(first.items())[:2]
+    raise UserError(f"{name}: images differ in size ({pa} is {a[0]}x{a[1]}, {pb} is "
+                    f"{b[0]}x{b[1]}): set model.input_size to resize them all, e.g. "
+                    "--config.model.input_size=32")
   x = np.stack([images[i] for i in ok]) if ok else np.zeros((0, size or 1, size or 1, 3),
                                                                np.uint8)
   return (x, np.asarray(labels, np.int32)[ok]), skipped
@@ -96,15 +166,20 @@ def load(path: str, opts: DataOptions, size: int | None):
   if not classes:
     raise UserError(f"{name}: no class folders in {dirs['train']}; expected {LAYOUT}")
   arrays, skipped = {}, []
+  walk = Walk(root, opts.follow_external_links)
   with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
     for split, d in dirs.items():
-      arrays[split], bad = _read_split(d, classes, size, name, pool)
+      arrays[split], bad = _read_split(d, classes, size, name, pool, walk)
       skipped += bad
   for split, (x, _) in arrays.items():
     if split != "train" and len(x) and x.shape[1:] != arrays["train"][0].shape[1:]:
       raise UserError(f"{name}: {split} images are {x.shape[1:3]}, train images "
-                      f"{arrays['train'][0].shape[1:3]}: set model.input_size")
+                      f"{arrays['train'][0].shape[1:3]}: set model.input_size to resize them "
+                      "all, e.g. --config.model.input_size=32")
   splits, notes = assemble({s: a for s, a in arrays.items() if len(a[0])}, opts, name)
+  if walk.links:
+    notes = [f"{name}: {len(walk.links)} links not followed or files counted once: "
+             + "; ".join(walk.links[:3]) + ("; ..." if len(walk.links) > 3 else "")] + list(notes)
   return splits, notes, tuple(classes), skipped
 
 
@@ -119,3 +194,29 @@ def fingerprint(path: str) -> tuple:
       if d != root:
         out += [(e.path, e.stat().st_mtime_ns) for e in os.scandir(d) if e.is_dir()]
   return tuple(sorted(out))
+
+
+def content_digest(path: str, follow_external: bool = False) -> str:
+  """A digest of what `folder:PATH` holds: its real location, and every file the reader
+  would read (path, size, modification time). A cell trained on a folder is reused only
+  while this is unchanged (tlresearch.cell)."""
+  import hashlib
+  root = os.path.abspath(os.path.expanduser(path))
+  key = (os.path.realpath(root), follow_external, fingerprint(path))
+  if key not in _DIGESTS:
+    h = hashlib.sha256(key[0].encode())
+    walk = Walk(root, follow_external)
+    for names in SPLIT_DIRS.values():
+      for split in names:
+        d = os.path.join(root, split)
+        if not os.path.isdir(d):
+          continue
+        for c in sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith(".")):
+          for f in walk.files(os.path.join(d, c)):
+            st = os.stat(f)
+            h.update(f"{os.path.relpath(f, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    _DIGESTS[key] = h.hexdigest()
+  return _DIGESTS[key]
+
+
+_DIGESTS: dict = {}

@@ -20,6 +20,7 @@ class DataOptions:
   vtab1k: bool = False        # VTAB-1k: 800 train + 200 validation drawn from train (seeded)
   val_examples: int = 0       # >0: evaluate on this many validation examples (seeded subset)
   test_examples: int = 0      # >0: the same for test (CPU smoke runs; 0 = the whole split)
+  follow_external_links: bool = False  # folder: follow links to files and folders outside it
 
   @classmethod
   def from_config(cls, cfg) -> DataOptions:
