@@ -352,6 +352,32 @@ BAD_INPUTS = [
     (["--config.grid=[{'train.lrr': [1]}]"], "grid axis 'train.lrr' is not a config key"),
     (["--config.train.lr=abc"], "expected float"),
     (["--bogus"], "unknown flag '--bogus'"),
+    # Values accepted before, then meaningless or crashing later:
+    (["--config.seeds=[]"], "config.seeds must be a non-empty list"),
+    (["--config.targets=[]"], "config.targets must be a non-empty list"),
+    (["--config.grid=[{'strategy': []}]"], "grid values for 'strategy' (block 0) are empty"),
+    (["--config.grid=[{}]"], "config.grid block 0 is empty"),
+    (["--config.seeds=[-1]"], "config.seeds must be integers in [0, 2147483647], got -1"),
+    (["--config.seeds=[1099511627776]"], "config.seeds must be integers in [0, 2147483647]"),
+    (["--config.seeds=[0.5]"], "config.seeds must be integers"),
+    (["--config.seeds=[0, 0]"], "config.seeds has a repeated seed"),
+    (["--config.train.lr=1e999"], "config.train.lr must be a finite number, got inf"),
+    (["--config.selection.lr=[0.1, nan]"], "expected"),  # not a literal: a bare string
+    (["--config.train.augment.rotation=-5.0"], "train.augment.rotation must be >= 0"),
+    (["--config.train.augment.shear=-1.0"], "train.augment.shear must be >= 0"),
+    (["--config.train.augment.zoom=1.5"], "train.augment.zoom must be in [0, 1), got 1.5"),
+    (["--config.train.augment.width_shift=1.0"], "train.augment.width_shift must be in [0, 1)"),
+    (["--config.train.augment.fill_mode=mirror"], "train.augment.fill_mode must be one of"),
+    (["--config.train.schedule=step"], "train.schedule must be one of constant, warmup_cosine"),
+    (["--config.model.head.pooling=mean"], "model.head.pooling must be one of"),
+    (["--config.save_model=some"], "save_model must be one of all, best, none"),
+    (["--workdir="], "--workdir is empty"),
+    (["--results_dir="], "--results_dir is empty"),
+    # Overrides the grid would silently ignore:
+    (["--config.strategy=full"], "--config.strategy has no effect: every cell of the grid "
+                                 "sets strategy itself; restrict the grid instead"),
+    (["--config.target=digits"], "--config.target has no effect"),
+    (["--config.seed=3"], "--config.seed has no effect"),
 ]
 
 

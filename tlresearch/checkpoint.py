@@ -58,7 +58,7 @@ def checksum(tree) -> str:
 def save(path: str, tree, meta: dict | None = None) -> None:
   """Writes `tree` (arrays) and `meta` (JSON) to folder `path`, atomically."""
   import orbax.checkpoint as ocp
-  with io.atomic_dir(path) as tmp:
+  with io.signals_deferred(), io.atomic_dir(path) as tmp:
     tree = jax.device_get(tree)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(tmp, "arrays"), tree)

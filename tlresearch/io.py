@@ -171,3 +171,31 @@ def os_error_line(e: OSError) -> str:
   """One line for an operating-system failure: what failed, and on which path."""
   paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
   return f"{e.strerror or type(e).__name__}" + (f": {paths}" if paths else f" ({e})")
+
+
+@contextlib.contextmanager
+def signals_deferred():
+  """Ctrl-C and SIGTERM wait until the block ends, then act as they would have: a save whose
+  background threads (Orbax's) are cut short dies noisily at interpreter exit."""
+  import signal
+  import threading
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  for s in old:
+    signal.signal(s, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    for s, handler in old.items():
+      signal.signal(s, handler)
+    if received:
+      signum, handler = received[0], old[received[0]]
+      if callable(handler):
+        handler(signum, None)
+      elif handler == signal.SIG_DFL:
+        if signum == signal.SIGINT:
+          raise KeyboardInterrupt
+        os.kill(os.getpid(), signum)

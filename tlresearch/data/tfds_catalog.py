@@ -119,8 +119,16 @@ def load(name: str, data_dir: str, opts: DataOptions, size: int | None, mocked: 
   available = set(builder.info.splits.keys()) or {"train", "test"}
   if "train" not in available:
     raise UserError(f"tfds:{name} has no train split (has {', '.join(sorted(available))})")
-  arrays = {s: _read(builder, s, image_key, label_key, size, name, data_dir)
-            for s in ("train", "validation", "test") if s in available}
+  try:
+    arrays = {s: _read(builder, s, image_key, label_key, size, name, data_dir)
+              for s in ("train", "validation", "test") if s in available}
+  except UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - damaged shards raise DataLossError, riegeli errors...
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise UserError(f"tfds:{name} in {builder.data_path} cannot be read ({type(e).__name__}: "
+                    f"{first}); prepare it again (delete that folder, then `tfds build "
+                    f"{name} --data_dir={data_dir}`)") from None
   splits, notes = assemble(arrays, opts, f"tfds:{name}")
   label = builder.info.features[label_key]
   return splits, notes, tuple(label.names)
