@@ -15,7 +15,7 @@ import time
 from flax import traverse_util
 from sklearn import metrics as skm
 
-from tlresearch import checkpoint, configs, io, models, optim, probes, programs, strategies
+from tlresearch import checkpoint, configs, grid, io, models, optim, probes, programs, strategies
 from tlresearch import data as data_lib
 from tlresearch import pretrain, recognizer, timing, train
 from tlresearch.data import preprocess
@@ -89,6 +89,13 @@ def check(cfg) -> None:
                     "be the default (pooling avg, hidden [])")
   probes.check(tuple(cfg.probes))
   recognizer.check(cfg.get("save_model", "none"))
+  lo, hi = grid.SEED_RANGE
+  if not lo <= cfg.pretrain.seed <= hi:
+    raise UserError(f"pretrain.seed must be an integer in [{lo}, {hi}], got {cfg.pretrain.seed}")
+  ck = cfg.checkpoint
+  for key, least in (("keep", 1), ("every_epochs", 1), ("min_seconds", 0)):
+    if ck[key] < least:
+      raise UserError(f"checkpoint.{key} must be >= {least}, got {ck[key]}")
   if strategy.pretrained:
     models.check_pretrained(cfg.model)  # e.g. missing ImageNet weights: fail now, not later
   if not 0 <= cfg.model.dropout_rate < 1:

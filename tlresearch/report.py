@@ -360,6 +360,22 @@ def line_plot(finals, series: list, path: str, title: str, metric: str = "test_a
   return path
 
 
+def check(config) -> None:
+  """UserError for a report block that would build wrong or empty tables: metrics the
+  tables know, and a reference strategy some row of the grid has."""
+  from tlresearch.errors import UserError, choices
+  r = config.report
+  for m in r.get("metrics", DEFAULT_METRICS):
+    if m not in METRICS:
+      raise UserError(f"unknown report.metrics entry '{m}'; valid: {choices(METRICS)}")
+  strategies = {v for block in config.grid for v in block.get("strategy", [])}
+  if any("strategy" not in block for block in config.grid):
+    strategies.add(config.strategy)
+  if r.reference not in strategies:
+    raise UserError(f"report.reference '{r.reference}' is not a strategy of the grid; valid: "
+                    f"{choices(strategies)}")
+
+
 def check_replaceable(out_dir: str) -> None:
   """UserError unless `out_dir` is absent, empty, or this project's earlier output (it
   holds runs.csv or summary.json): writing the tables replaces the folder whole, and must

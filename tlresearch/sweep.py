@@ -66,6 +66,7 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
     # every bad value and every bad dataset fails here, before training (in every task alike)
     with timing.phase("check"):
       cell_lib.check_all(cells + sel_cells)
+      report.check(config)
     with _workdir_lock(workdir, task_index, num_tasks):
       if overwrite:
         _clear_workdir(workdir)
@@ -131,6 +132,7 @@ def merge_grid(config, name: str, workdir: str, results_dir: str,
   backbone; while any cell is unfinished, raises UserError and writes nothing."""
   t0 = time.perf_counter()
   cells = grid.expand(config)
+  report.check(config)
   check_folders(config, name, workdir, results_dir)
 
   def read_selection(sel_cells, round_index):

@@ -53,6 +53,8 @@ def check(cfg) -> None:
       (cfg.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.batch_size}"),
       (cfg.lr > 0, f"train.lr must be > 0, got {cfg.lr}"),
       (cfg.weight_decay >= 0, f"train.weight_decay must be >= 0, got {cfg.weight_decay}"),
+      (0 <= cfg.momentum < 1, f"train.momentum must be in [0, 1), got {cfg.momentum}"),
+      (es.min_delta >= 0, f"train.early_stopping.min_delta must be >= 0, got {es.min_delta}"),
       (cfg.warmup_epochs >= 0, f"train.warmup_epochs must be >= 0, got {cfg.warmup_epochs}"),
       (es.patience >= 1, f"train.early_stopping.patience must be >= 1, got {es.patience}"),
       (es.monitor in MONITORS,

@@ -35,6 +35,9 @@ class DataOptions:
     for key in ("val_fraction", "test_fraction"):
       if not 0 < getattr(opts, key) < 1:
         raise UserError(f"data.{key} must be in (0, 1), got {getattr(opts, key)}")
+    if not 0 <= opts.split_seed <= 2**31 - 1:
+      raise UserError(f"data.split_seed must be an integer in [0, 2147483647], got "
+                      f"{opts.split_seed}")
     for key in ("val_examples", "test_examples"):
       if getattr(opts, key) < 0:
         raise UserError(f"data.{key} must be >= 0 (0: the whole split), got {getattr(opts, key)}")
