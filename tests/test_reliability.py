@@ -383,7 +383,6 @@ BAD_INPUTS = [
      "selection.seeds must be integers in [0, 2147483647], got -1"),
     (["--config.train.early_stopping.min_delta=-1.0"], "min_delta must be >= 0"),
     (["--config.train.momentum=1.5"], "train.momentum must be in [0, 1), got 1.5"),
-    (["--config.report.reference=nope"], "report.reference 'nope' is not a strategy of the grid"),
     (["--config.report.metrics=['nope']"], "unknown report.metrics entry 'nope'; valid: "),
     (["--config.pretrain.seed=-1"], "pretrain.seed must be an integer in [0, 2147483647]"),
     (["--config.data.split_seed=-1"], "data.split_seed must be an integer in [0, 2147483647]"),

@@ -176,10 +176,16 @@ def test_two_tasks_and_merge_equal_one_process_with_selection(tmp_path, cache, m
 # --- a merge before every task has finished --------------------------------------------------
 
 def _finish_fake(cell_dir, cell):
-  """A cell folder as a finished run leaves it (only what cell.finished and selection read)."""
+  """A cell folder as a finished run leaves it (every field cell.finished checks)."""
   io.write_json(cell_dir / "config.json", {"cell_id": cell.id, "config": cell.config.to_dict()})
-  io.write_json(cell_dir / "final.json", {"cell_id": cell.id, "status": "ok",
-                                          "val_accuracy": 0.5})
+  record = {"cell_id": cell.id, "axes": cell.axes, "status": "ok",
+            "strategy": cell.config.strategy, "target": cell.config.target,
+            "seed": cell.config.seed, "hparams": {}, "classification_report": {}}
+  record.update({k: 0.5 for k in ("test_accuracy", "test_loss", "test_macro_f1",
+                                  "val_accuracy", "wall_seconds", "compile_seconds")})
+  record.update({"best_epoch": 1, "epochs_run": 1, "budget_limited": False,
+                 "trainable_params": 1})
+  io.write_json(cell_dir / "final.json", record)
 
 
 def test_merge_with_a_task_unfinished_fails_and_leaves_results_untouched(tmp_path, cache,

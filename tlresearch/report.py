@@ -361,8 +361,8 @@ def line_plot(finals, series: list, path: str, title: str, metric: str = "test_a
 
 
 def check(config) -> None:
-  """UserError for a report block that would build wrong or empty tables: metrics the
-  tables know, and a reference strategy some row of the grid has."""
+  """UserError for metrics the tables do not know; a warning when the reference strategy
+  is no row of the grid (the tables then have no paired differences)."""
   from tlresearch.errors import UserError, choices
   r = config.report
   for m in r.get("metrics", DEFAULT_METRICS):
@@ -372,13 +372,19 @@ def check(config) -> None:
   if any("strategy" not in block for block in config.grid):
     strategies.add(config.strategy)
   if r.reference not in strategies:
-    raise UserError(f"report.reference '{r.reference}' is not a strategy of the grid; valid: "
-                    f"{choices(strategies)}")
+    import logging
+    logging.getLogger(__name__).warning(
+        "report.reference '%s' is not a strategy of the grid (%s): the tables have no paired "
+        "differences", r.reference, choices(strategies))
+
+
+# Files of a results folder this project wrote (tables, or the pretrain summary).
+OWN_FILES = {"runs.csv", "timing.csv", "table.md", "table.tex", "summary.json"}
 
 
 def check_replaceable(out_dir: str) -> None:
   """UserError unless `out_dir` is absent, empty, or this project's earlier output (it
-  holds runs.csv or summary.json): writing the tables replaces the folder whole, and must
+  holds one of OWN_FILES): writing the tables replaces the folder whole, and must
   never delete someone else's files or follow a link out of it."""
   from tlresearch.errors import UserError
   if os.path.islink(out_dir):
@@ -388,11 +394,11 @@ def check_replaceable(out_dir: str) -> None:
     return
   if not os.path.isdir(out_dir):
     raise UserError(f"the results folder {out_dir} exists and is not a folder")
-  entries = os.listdir(out_dir)
-  if entries and not {"runs.csv", "summary.json"} & set(entries):
-    raise UserError(f"{out_dir} exists and is not an earlier output of this project (no "
-                    "runs.csv); it would be replaced whole: move it or choose another "
-                    "--results_dir")
+  entries = set(os.listdir(out_dir))
+  if entries and not OWN_FILES & entries:
+    raise UserError(f"{out_dir} exists and is not an earlier output of this project (none of "
+                    f"{', '.join(sorted(OWN_FILES))}); it would be replaced whole: move it or "
+                    "choose another --results_dir")
 
 
 def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
