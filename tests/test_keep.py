@@ -1,5 +1,6 @@
 """save_model: which trained models a sweep keeps, with their model cards, through resume,
-sharded tasks and --merge."""
+sharded tasks and --merge; a kept model exported and predicted. (Slow group: real sweeps,
+which share their compiled programs within the process.)"""
 import json
 import os
 
@@ -58,6 +59,7 @@ def _finals(tmp_path):
   return out
 
 
+@pytest.mark.slow
 def test_best_keeps_the_best_configurations_best_seed_with_its_card(tmp_path):
   _run(tmp_path, _config(tmp_path, "best"))
   finals = _finals(tmp_path)
@@ -102,6 +104,7 @@ def test_best_keeps_the_best_configurations_best_seed_with_its_card(tmp_path):
   assert np.float32(np.mean(correct)) == np.float32(want["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_all_keeps_every_final_cell_and_none_keeps_nothing(tmp_path):
   _run(tmp_path, _config(tmp_path, "all"))
   assert len(_kept(tmp_path)) == 4
@@ -110,6 +113,7 @@ def test_all_keeps_every_final_cell_and_none_keeps_nothing(tmp_path):
   assert _kept(tmp_path) == [] and not (tmp_path / "work" / "kept_models.json").exists()
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_best_by_retraining_only_that_cell(tmp_path, caplog):
   _run(tmp_path, _config(tmp_path, "none"))
   before = _finals(tmp_path)
@@ -124,6 +128,7 @@ def test_resume_keeps_the_best_by_retraining_only_that_cell(tmp_path, caplog):
   assert not any("differs from its first run" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_sharded_tasks_keep_every_model_and_merge_keeps_the_best(tmp_path):
   c = _config(tmp_path, "best")
   for i in range(2):
@@ -133,6 +138,7 @@ def test_sharded_tasks_keep_every_model_and_merge_keeps_the_best(tmp_path):
   assert len(_kept(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_merge_fails_when_the_best_cell_kept_no_model(tmp_path):
   c = _config(tmp_path, "none")
   for i in range(2):

@@ -16,6 +16,7 @@ from tlresearch.data import augment as augment_lib
 from tlresearch.data import preprocess
 
 
+@pytest.mark.slow
 def test_one_epoch_of_the_recipes_head_matches_keras_fit():
   keras = pytest.importorskip("keras")
   data = make_dataset(n_train=48, classes=4)

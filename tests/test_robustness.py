@@ -180,6 +180,7 @@ def test_folders_that_cannot_be_written_fail_before_training(tmp_path, monkeypat
     assert (results / "finetune_sweep" / "thesis.tex").read_text() == "months of work"
 
 
+@pytest.mark.slow
 def test_an_os_error_mid_sweep_is_one_line_exit_3_and_releases_the_lock(tmp_path, monkeypatch,
                                                                          capsys):
   real = io.write_text
@@ -217,6 +218,7 @@ def test_sigterm_is_handled_as_an_interrupt(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- finished cells
 
+@pytest.mark.slow
 def test_a_final_json_that_only_says_ok_is_retrained_not_reused(tmp_path, caplog):
   c = _folder_sweep_config(tmp_path, "none")
   work = tmp_path / "work"
@@ -233,6 +235,7 @@ def test_a_final_json_that_only_says_ok_is_retrained_not_reused(tmp_path, caplog
   assert after["test_accuracy"] == before["test_accuracy"]
 
 
+@pytest.mark.slow
 def test_a_changed_folder_is_not_served_by_old_cells(tmp_path):
   c = _folder_sweep_config(tmp_path, "none")
   work = str(tmp_path / "work")
