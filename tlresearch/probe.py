@@ -28,7 +28,6 @@ with SGD as any other (`train.probe_solver = "sgd"` asks for SGD everywhere).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 from flax import traverse_util
 import jax

@@ -17,14 +17,18 @@ Layout of a kept model (`<cell>/model/`, written atomically):
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tlresearch import checkpoint, io
+from tlresearch import checkpoint, grid, io
 from tlresearch.errors import UserError, choices
+
+log = logging.getLogger(__name__)
 
 SAVE_MODEL = ("none", "best", "all")
 CARD_FORMAT = "tlresearch.model/1"
@@ -193,3 +197,52 @@ def choose_best(finals: list[dict], configuration) -> dict[str, dict]:
     best = max(configs.values(), key=lambda fs: np.mean([f["val_accuracy"] for f in fs]))
     out[target] = max(best, key=lambda f: f["val_accuracy"])
   return out
+
+
+def keep(config, cells, finals, workdir: str, retrain=None) -> dict:
+  """Applies `save_model` once every final cell has finished: under "best", deletes every
+  kept model but each target's best (`choose_best`), retraining a best
+  cell that finished before models were kept (`retrain(cell, cell_dir)` -> its final
+  record; None, as in --merge: UserError instead). Writes `<workdir>/kept_models.json` and
+  returns it."""
+  policy = config.get("save_model", "none")
+  if policy == "none":
+    return {}
+  dirs = {c.id: os.path.join(workdir, c.id) for c in cells}
+  best = choose_best(finals, grid.configuration)
+  for target, f in sorted(best.items()):
+    cell_dir = dirs[f["cell_id"]]
+    if not has_model(cell_dir):
+      if retrain is None:
+        raise UserError(f"cannot keep the best model for {target}: cell {f['cell_id']} in "
+                        f"{workdir} finished without save_model; rerun the task that trained "
+                        "it with --config.save_model=best (it retrains that cell only)")
+      log.info("retraining %s to keep its model (it finished before save_model was set)",
+               f["cell_id"])
+      again = retrain(next(c for c in cells if c.id == f["cell_id"]), cell_dir)
+      if (again["test_accuracy"], again["val_accuracy"]) != (f["test_accuracy"],
+                                                             f["val_accuracy"]):
+        log.warning("the retrained %s differs from its first run (test accuracy "
+                    "%.4f vs %.4f); the kept model is the retrained one", f["cell_id"],
+                    again["test_accuracy"], f["test_accuracy"])
+      best[target] = again
+  if policy == "best":
+    keep = {f["cell_id"] for f in best.values()}
+    for c in cells:
+      if c.id not in keep:
+        shutil.rmtree(model_dir(dirs[c.id]), ignore_errors=True)
+  kept = [c.id for c in cells if has_model(dirs[c.id])]
+  if policy == "all" and len(kept) < len(cells):
+    raise UserError(f"save_model=all: {len(cells) - len(kept)} finished cells in {workdir} have "
+                    "no kept model; rerun the task that trained them with the same config")
+  record = {"save_model": policy,
+            "best": {t: {"cell_id": f["cell_id"], "model": model_dir(dirs[f["cell_id"]]),
+                         "strategy": f["strategy"], "axes": f["axes"],
+                         "val_accuracy": f["val_accuracy"], "test_accuracy": f["test_accuracy"]}
+                     for t, f in sorted(best.items())},
+            "models": [model_dir(dirs[i]) for i in kept]}
+  io.write_json(os.path.join(workdir, "kept_models.json"), record)
+  for t, b in record["best"].items():
+    log.info("kept the best model for %s: %s (%s, val acc %.1f%%)", t, b["model"],
+             b["strategy"], 100 * b["val_accuracy"])
+  return record

@@ -145,7 +145,7 @@ def merge_grid(config, name: str, workdir: str, results_dir: str,
   cells, outcome = selection.run(config, cells, read_selection)
   finals = _read_finals(cells, workdir)
   _check_all_finished(workdir, [c.id for c in cells], finals)
-  keep_models(config, cells, finals, workdir)
+  recognizer.keep(config, cells, finals, workdir)
   paths = write_results(config, name, results_dir, finals, outcome, findings, command)
   seconds = time.perf_counter() - t0
   print(f"{name}: merged {len(cells)} cells"
@@ -217,57 +217,8 @@ def train_cells(config, cells, name: str, workdir: str, run_cells: CellRunner,
   cells, outcome = selection.run(config, cells, run_selection)
   finals, reused = run_cells(cells, workdir, name)
   if keep:
-    keep_models(config, cells, finals, workdir, run_cells.retrain)
+    recognizer.keep(config, cells, finals, workdir, run_cells.retrain)
   return finals, outcome, reused
-
-
-def keep_models(config, cells, finals, workdir: str, retrain=None) -> dict:
-  """Applies `save_model` once every final cell has finished: under "best", deletes every
-  kept model but each target's best (tlresearch.recognizer.choose_best), retraining a best
-  cell that finished before models were kept (`retrain(cell, cell_dir)` -> its final
-  record; None, as in --merge: UserError instead). Writes `<workdir>/kept_models.json` and
-  returns it."""
-  policy = config.get("save_model", "none")
-  if policy == "none":
-    return {}
-  dirs = {c.id: os.path.join(workdir, c.id) for c in cells}
-  best = recognizer.choose_best(finals, grid.configuration)
-  for target, f in sorted(best.items()):
-    cell_dir = dirs[f["cell_id"]]
-    if not recognizer.has_model(cell_dir):
-      if retrain is None:
-        raise UserError(f"cannot keep the best model for {target}: cell {f['cell_id']} in "
-                        f"{workdir} finished without save_model; rerun the task that trained "
-                        "it with --config.save_model=best (it retrains that cell only)")
-      log.info("retraining %s to keep its model (it finished before save_model was set)",
-               f["cell_id"])
-      again = retrain(next(c for c in cells if c.id == f["cell_id"]), cell_dir)
-      if (again["test_accuracy"], again["val_accuracy"]) != (f["test_accuracy"],
-                                                             f["val_accuracy"]):
-        log.warning("the retrained %s differs from its first run (test accuracy "
-                    "%.4f vs %.4f); the kept model is the retrained one", f["cell_id"],
-                    again["test_accuracy"], f["test_accuracy"])
-      best[target] = again
-  if policy == "best":
-    keep = {f["cell_id"] for f in best.values()}
-    for c in cells:
-      if c.id not in keep:
-        shutil.rmtree(recognizer.model_dir(dirs[c.id]), ignore_errors=True)
-  kept = [c.id for c in cells if recognizer.has_model(dirs[c.id])]
-  if policy == "all" and len(kept) < len(cells):
-    raise UserError(f"save_model=all: {len(cells) - len(kept)} finished cells in {workdir} have "
-                    "no kept model; rerun the task that trained them with the same config")
-  record = {"save_model": policy,
-            "best": {t: {"cell_id": f["cell_id"], "model": recognizer.model_dir(dirs[f["cell_id"]]),
-                         "strategy": f["strategy"], "axes": f["axes"],
-                         "val_accuracy": f["val_accuracy"], "test_accuracy": f["test_accuracy"]}
-                     for t, f in sorted(best.items())},
-            "models": [recognizer.model_dir(dirs[i]) for i in kept]}
-  io.write_json(os.path.join(workdir, "kept_models.json"), record)
-  for t, b in record["best"].items():
-    log.info("kept the best model for %s: %s (%s, val acc %.1f%%)", t, b["model"],
-             b["strategy"], 100 * b["val_accuracy"])
-  return record
 
 
 def seed_groups(cells) -> list[list]:
