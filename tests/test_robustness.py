@@ -154,6 +154,7 @@ def _sweep_args(tmp_path, work, results):
     ("workdir_inside_results", "is inside"),
     ("foreign_results", "is not an earlier output of this project"),
     ("results_is_a_link", "is a symbolic link"),
+    ("a_foreign_file_among_the_tables", "notes.md was not written by this project"),
 ])
 def test_folders_that_cannot_be_written_fail_before_training(tmp_path, monkeypatch, capsys,
                                                               case, message):
@@ -168,6 +169,12 @@ def test_folders_that_cannot_be_written_fail_before_training(tmp_path, monkeypat
   elif case == "foreign_results":
     (results / "finetune_sweep").mkdir(parents=True)
     (results / "finetune_sweep" / "thesis.tex").write_text("months of work")
+  elif case == "a_foreign_file_among_the_tables":
+    (results / "finetune_sweep").mkdir(parents=True)
+    for n in ("runs.csv", "table.md"):
+      (results / "finetune_sweep" / n).write_text("earlier tables")
+    (results / "finetune_sweep" / folder_manifest()).write_text("runs.csv\ntable.md\n")
+    (results / "finetune_sweep" / "notes.md").write_text("my notes on these tables")
   elif case == "results_is_a_link":
     (tmp_path / "real").mkdir()
     results.mkdir()
@@ -177,6 +184,13 @@ def test_folders_that_cannot_be_written_fail_before_training(tmp_path, monkeypat
   assert not (tmp_path / "cache" / "jax_compilation_cache").exists()  # before anything ran
   if case == "foreign_results":
     assert (results / "finetune_sweep" / "thesis.tex").read_text() == "months of work"
+  if case == "a_foreign_file_among_the_tables":
+    assert (results / "finetune_sweep" / "notes.md").exists()
+
+
+def folder_manifest():
+  from tlresearch import report
+  return report.MANIFEST
 
 
 @pytest.mark.slow

@@ -378,8 +378,11 @@ def check(config) -> None:
         "differences", r.reference, choices(strategies))
 
 
-# Files of a results folder this project wrote (tables, or the pretrain summary).
+# Files of a results folder this project wrote (tables, or the pretrain summary), and the
+# list of every file it wrote there (MANIFEST), which says what a replacement may delete.
 OWN_FILES = {"runs.csv", "timing.csv", "table.md", "table.tex", "summary.json"}
+MANIFEST = ".tlresearch-files"
+_OWN_SUFFIXES = (".csv", ".md", ".tex", ".png", ".json")
 
 
 def check_replaceable(out_dir: str) -> None:
@@ -395,10 +398,20 @@ def check_replaceable(out_dir: str) -> None:
   if not os.path.isdir(out_dir):
     raise UserError(f"the results folder {out_dir} exists and is not a folder")
   entries = set(os.listdir(out_dir))
-  if entries and not OWN_FILES & entries:
+  if entries and not (OWN_FILES | {MANIFEST}) & entries:
     raise UserError(f"{out_dir} exists and is not an earlier output of this project (none of "
                     f"{', '.join(sorted(OWN_FILES))}); it would be replaced whole: move it or "
                     "choose another --results_dir")
+  try:
+    with open(os.path.join(out_dir, MANIFEST)) as f:
+      ours = set(f.read().split("\n")) | {MANIFEST}
+    foreign = sorted(entries - ours)
+  except OSError:  # written before the manifest existed: only files of the project's kinds
+    foreign = sorted(e for e in entries if not e.endswith(_OWN_SUFFIXES)
+                     or not os.path.isfile(os.path.join(out_dir, e)))
+  if foreign:
+    raise UserError(f"{os.path.join(out_dir, foreign[0])} was not written by this project, and "
+                    f"{out_dir} is replaced whole when the tables are written: move it out first")
 
 
 def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
@@ -423,6 +436,7 @@ def write(finals: list[dict], axes: list[str], out_dir: str, name: str,
     plot(finals, axes, labels, os.path.join(tmp, "accuracy.png"), title)
     if extra is not None:
       names += list(extra(tmp))
+    io.write_text(os.path.join(tmp, MANIFEST), "\n".join(sorted(os.listdir(tmp))) + "\n")
   return [os.path.join(out_dir, n) for n in names]
 
 
