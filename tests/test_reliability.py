@@ -388,6 +388,11 @@ BAD_INPUTS = [
     (["--config.data.split_seed=-1"], "data.split_seed must be an integer in [0, 2147483647]"),
     (["--config.checkpoint.keep=0"], "checkpoint.keep must be >= 1, got 0"),
     (["--config.checkpoint.every_epochs=0"], "checkpoint.every_epochs must be >= 1, got 0"),
+    (["--config.grid=[{'strategy': ['full'], 'seed': [1]}]"],
+     "grid axis 'seed' is set by config.seeds"),
+    (["--config.grid=[{'strategy': ['full'], 'target': ['digits']}]"],
+     "grid axis 'target' is set by config.targets"),
+    (["--config.targets=['digits', 'digits']"], "config.targets has a repeated target"),
 ]
 
 

@@ -66,10 +66,15 @@ def check(config) -> None:
       raise UserError(f"config.seeds must be integers in [{lo}, {hi}], got {s!r}")
   if len(set(config.seeds)) != len(config.seeds):
     raise UserError(f"config.seeds has a repeated seed: {list(config.seeds)}")
+  if len(set(config.targets)) != len(config.targets):
+    raise UserError(f"config.targets has a repeated target: {list(config.targets)}")
   for i, block in enumerate(config.grid):
     if not block:
       raise UserError(f"config.grid block {i} is empty: give it at least one axis")
     for key, values in block.items():
+      if key in ("target", "seed"):
+        raise UserError(f"grid axis '{key}' is set by config.{key}s, which every block is "
+                        f"crossed with: use --config.{key}s=[...] instead")
       if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise UserError(f"grid values for '{key}' must be a list, got {values!r}")
       if not len(values):
