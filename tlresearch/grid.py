@@ -60,10 +60,7 @@ def check(config) -> None:
   for name in ("targets", "seeds"):
     if isinstance(config[name], (str, bytes)) or not len(config[name]):
       raise UserError(f"config.{name} must be a non-empty list, got {config[name]!r}")
-  lo, hi = SEED_RANGE
-  for s in config.seeds:
-    if isinstance(s, bool) or not isinstance(s, int) or not lo <= s <= hi:
-      raise UserError(f"config.seeds must be integers in [{lo}, {hi}], got {s!r}")
+  check_seeds(config.seeds, "config.seeds")
   if len(set(config.seeds)) != len(config.seeds):
     raise UserError(f"config.seeds has a repeated seed: {list(config.seeds)}")
   if len(set(config.targets)) != len(config.targets):
@@ -79,6 +76,14 @@ def check(config) -> None:
         raise UserError(f"grid values for '{key}' must be a list, got {values!r}")
       if not len(values):
         raise UserError(f"grid values for '{key}' (block {i}) are empty: give at least one")
+
+
+def check_seeds(seeds, name: str) -> None:
+  """UserError unless every seed is an integer in SEED_RANGE."""
+  lo, hi = SEED_RANGE
+  for s in seeds:
+    if isinstance(s, bool) or not isinstance(s, int) or not lo <= s <= hi:
+      raise UserError(f"{name} must be integers in [{lo}, {hi}], got {s!r}")
 
 
 def set_per_cell(config) -> set[str]:

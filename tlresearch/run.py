@@ -175,18 +175,13 @@ def check_overrides(config, dotted_keys) -> None:
       advice = f"--config.{dotted}s=[...] chooses them (e.g. --config.{dotted}s=" + \
           ("\"['digits']\"" if dotted == "target" else "[0]") + ")"
     else:
-      value = configs_value(config, dotted)
+      from tlresearch import configs
+      value = configs.get_path(config, dotted)
       advice = (f"restrict the grid instead, e.g. --config.grid=\"[{{'{dotted}': "
                 f"[{value!r}]}}]\"")
     raise UserError(f"--config.{dotted} has no effect: every cell of the grid sets {dotted} "
                     f"itself; {advice}")
 
-
-def configs_value(config, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
 
 
 def main(argv: list[str]) -> int:

@@ -52,10 +52,7 @@ def check(config) -> None:
     raise UserError(f"selection.lr values must be > 0, got {list(s.lr)}")
   if s.widen < 0:
     raise UserError(f"selection.widen must be >= 0, got {s.widen}")
-  lo, hi = grid.SEED_RANGE
-  for seed in s.seeds:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not lo <= seed <= hi:
-      raise UserError(f"selection.seeds must be integers in [{lo}, {hi}], got {seed!r}")
+  grid.check_seeds(s.seeds, "selection.seeds")
 
 
 def probe_only(cfg) -> bool:
