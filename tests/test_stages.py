@@ -64,7 +64,7 @@ def test_l2_sp_pulls_toward_pretrained_not_toward_zero(dataset):
   stage = strategies.get("l2_sp:alpha=1.0,beta=0.0", model.groups).stages[0]
   flat = _flat(variables["params"])
   rules = strategies.resolve(stage.rules, flat)
-  anchor = penalty.anchor(stage, flat, rules)
+  anchor = penalty.anchor(stage, variables, rules)
   moved = {p: (v + 1.0 if p in anchor else v) for p, v in flat.items()}
   g = jax.grad(lambda t: penalty.value(stage.penalty, t, anchor, "head"))(
       {p: moved[p] for p in anchor})

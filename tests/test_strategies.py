@@ -63,8 +63,9 @@ def test_first_match_wins_and_unmatched_raises():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("nope", "unknown strategy 'nope'; valid: bitfit, discriminative, full, gradual_unfreeze, "
-             "head_then_top, l2_sp, layer_decay, layer_transfer, linear_probe, lp_ft, norm_only, partial"),
+    ("nope", "unknown strategy 'nope'; valid: bitfit, bss, delta, discriminative, full, "
+             "gradual_unfreeze, head_then_top, l2_sp, layer_decay, layer_transfer, "
+             "linear_probe, lp_ft, lwf, norm_only, partial"),
     ("partial:k=9", "k must be in 0..4"),
     ("partial:q=1", "bad options"),
     ("surgical:group=stage9", "unknown group 'stage9'; valid: stem, stage1, stage2, stage3, head"),

@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 
 from tlresearch import checkpoint, configs, grid, io, models, optim, probes, programs, strategies
 from tlresearch import data as data_lib
-from tlresearch import pretrain, recognizer, timing, train
+from tlresearch import penalty, pretrain, recognizer, timing, train
 from tlresearch.data import preprocess
 from tlresearch.errors import UserError
 
@@ -98,6 +98,11 @@ def check(cfg) -> None:
       raise UserError(f"checkpoint.{key} must be >= {least}, got {ck[key]}")
   if strategy.pretrained:
     models.check_pretrained(cfg.model)  # e.g. missing ImageNet weights: fail now, not later
+  if any(penalty.needs_source_head(s.penalty) for s in strategy.stages) and (
+      models.pretrained_key(cfg.model) is not None):
+    raise UserError(f"strategy '{cfg.strategy}' reads the source task's head, which only the "
+                    f"project's source pretraining keeps; model.pretrained must be '' (got "
+                    f"'{cfg.model.pretrained}')")
   if not 0 <= cfg.model.dropout_rate < 1:
     raise UserError(f"model.dropout_rate must be in [0, 1), got {cfg.model.dropout_rate}")
   if cfg.k_shot is not None and cfg.k_shot < 0:
@@ -293,8 +298,13 @@ def _checkpointer(cfgs, cell_dirs):
 def _start_variables(cfg, model, strategy, keys, ds, pretrained):
   # The same init key for every strategy: the head starts identical across a comparison.
   fresh = programs.init_variables(model, keys.init, ds.train_x.shape[1:])
-  return (models.merge_pretrained(fresh, pretrained, not_loaded(cfg, strategy, model.groups))
-          if strategy.pretrained else fresh)
+  if not strategy.pretrained:
+    return fresh
+  start = models.merge_pretrained(fresh, pretrained, not_loaded(cfg, strategy, model.groups))
+  if any(penalty.needs_source_head(s.penalty) for s in strategy.stages):
+    # The pretrained source head (its classifier), read by the lwf penalty.
+    start[penalty.SOURCE_HEAD] = dict(pretrained["params"]["head"]["dense"])
+  return start
 
 
 def final_record(cell, ds, data_report, model, strategy, variables,
@@ -328,5 +338,7 @@ def final_record(cell, ds, data_report, model, strategy, variables,
       "hparams": {"train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay},
       # The converged probe's solve (chosen l2, gradient norm, the whole path), if any.
       "probe": result.probe,
+      # A weight-space method's curve and chosen point (WiSE-FT), if any.
+      "weight_space": result.weight_space,
       **probes.measure(tuple(cfg.probes), model, variables, result.variables, ds),
   }

@@ -150,15 +150,46 @@ def in_compute_dtype(tree, dtype: str):
       lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-def _loss_and_logits(spec, params, batch_stats, x, y, dropout_key):
+def _capture(groups):
+  """Flax `capture_intermediates` filter: the outputs of these top-level layer groups."""
+  wanted = frozenset(groups)
+  return lambda module, method: (method == "__call__" and len(module.scope.path) == 1
+                                 and module.scope.path[0] in wanted)
+
+
+def _captured(updates, groups) -> dict:
+  inter = updates.get("intermediates", {})
+  return {g: inter[g]["__call__"][0].astype(jnp.float32) for g in groups}
+
+
+def _loss_and_logits(spec, params, batch_stats, x, y, dropout_key, capture=()):
+  """Cross-entropy and logits of one training forward pass, the new BatchNorm statistics,
+  and the outputs of the `capture` groups (for a feature penalty)."""
   params, x = in_compute_dtype((params, x), spec.compute_dtype)
   variables = {"params": params, "batch_stats": batch_stats}
-  logits, updates = spec.model.apply(variables, x, rngs={"dropout": dropout_key},
-                                     mutable=["batch_stats"], train=True,
-                                     frozen_bn=spec.frozen_bn, start=spec.start)
+  kwargs = {"capture_intermediates": _capture(capture)} if capture else {}
+  logits, updates = spec.model.apply(
+      variables, x, rngs={"dropout": dropout_key},
+      mutable=["batch_stats", "intermediates"] if capture else ["batch_stats"], train=True,
+      frozen_bn=spec.frozen_bn, start=spec.start, **kwargs)
   logits = logits.astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-  return loss, (logits, updates.get("batch_stats", {}))
+  return loss, (logits, updates.get("batch_stats", {}), _captured(updates, capture))
+
+
+def _teacher_features(spec, teacher, x, capture) -> dict:
+  """The captured group outputs of the frozen starting network (inference mode) on the
+  same batch: what `delta` and `lwf` compare the trained network with."""
+  teacher, x = in_compute_dtype((teacher, x), spec.compute_dtype)
+  _, updates = spec.model.apply(teacher, x, train=False, start=spec.start,
+                                capture_intermediates=_capture(capture),
+                                mutable=["intermediates"])
+  return jax.lax.stop_gradient(_captured(updates, capture))
+
+
+def _pooling(model) -> str:
+  spec = getattr(model, "head_spec", None)
+  return spec.pooling if spec is not None else "avg"
 
 
 def _train_step(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key, aug_key,
@@ -177,12 +208,16 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key,
     if spec.augment is not None:
       x = augment(jax.random.fold_in(aug_key, state.step), x, spec.augment)
   dropout_key = jax.random.fold_in(dropout_key, state.step)
+  capture = penalty.captured_groups(spec.penalty, spec.model.groups, spec.start)
+  teacher = (_teacher_features(spec, inputs["anchor"]["teacher"], x, capture)
+             if penalty.needs_teacher(spec.penalty) else None)
 
   def loss_fn(trainable):
-    loss, aux = _loss_and_logits(spec, _join_params(trainable, frozen), state.batch_stats, x,
-                                 y, dropout_key)
-    pen = penalty.value(spec.penalty, trainable, inputs["anchor"], spec.model.groups[-1])
-    return loss + pen, aux
+    loss, (logits, stats, features) = _loss_and_logits(
+        spec, _join_params(trainable, frozen), state.batch_stats, x, y, dropout_key, capture)
+    pen = penalty.value(spec.penalty, trainable, inputs["anchor"], spec.model.groups[-1],
+                        features, teacher, _pooling(spec.model))
+    return loss + pen, (logits, stats)
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
   # Frozen leaves get a zero placeholder gradient: set_to_zero() ignores it, and XLA never

@@ -7,8 +7,9 @@ list can never silently leave something trainable.
 
 A strategy is one or more `Stage`s (multi-stage strategies such as LP-FT or gradual
 unfreezing are several, each with its own epoch budget, optimizer state and schedule), plus
-which backbone groups start from the pretrained weights. A stage may replace weight decay by
-a penalty (L2-SP pulls toward the pretrained weights, not toward zero). Strategies are named
+which backbone groups start from the pretrained weights. A stage may add a loss penalty or
+replace weight decay by one (tlresearch.penalty: L2-SP, DELTA, BSS, LwF), and a strategy may
+end with a weight-space method (WiSE-FT, tlresearch.weight_space). Strategies are named
 by a spec string `name` or `name:key=value,...`, e.g. `partial:k=2`, `layer_decay:decay=0.7`,
 `surgical:group=stage1`, `l2_sp:alpha=0.01,beta=0.01`.
 """
@@ -45,6 +46,9 @@ class Strategy:
   # Load only the first n groups from the checkpoint (the rest keep their random init);
   # None: every backbone group. The head is never loaded unless the cell asks for it.
   transfer_groups: int | None = None
+  # A weight-space method applied after the last stage (tlresearch.weight_space): "wise_ft"
+  # interpolates between the last stage's starting and final weights.
+  weight_space: str = ""
 
 
 def stage_epochs(stages, budget: int) -> list[int]:
@@ -184,11 +188,61 @@ def l2_sp(groups, alpha: float = 0.01, beta: float = 0.01) -> Strategy:
   """L2-SP (Li et al. 2018): everything learns, with the penalty alpha/2 ||w - w0||^2 toward
   the pretrained weights w0 on the backbone and beta/2 ||w||^2 on the new head, in place of
   weight decay (which would pull the backbone toward zero, i.e. away from what it knows)."""
-  for key, v in (("alpha", alpha), ("beta", beta)):
-    if not isinstance(v, (int, float)) or v < 0:
-      raise UserError(f"strategy 'l2_sp': {key} must be a number >= 0, got {v}")
+  _nonnegative("l2_sp", alpha=alpha, beta=beta)
   stage = Stage(((".*", 1.0),), weight_decay=False, penalty=("l2_sp", float(alpha), float(beta)))
   return Strategy(f"l2_sp:alpha={alpha:g},beta={beta:g}", (stage,))
+
+
+def _nonnegative(spec: str, **values) -> None:
+  for key, v in values.items():
+    if not isinstance(v, (int, float)) or v < 0:
+      raise UserError(f"strategy '{spec}': {key} must be a number >= 0, got {v}")
+
+
+def delta(groups, alpha: float = 0.01, beta: float = 0.01) -> Strategy:
+  """DELTA (Li et al. 2019): everything learns, with alpha/2 x the distance of every backbone
+  group's output feature maps to the frozen pretrained network's on the same batch, and
+  beta/2 ||w||^2 on the new head, in place of weight decay (tlresearch.penalty): the
+  network may move its weights as long as its features stay close."""
+  _nonnegative("delta", alpha=alpha, beta=beta)
+  spec = f"delta:alpha={alpha:g},beta={beta:g}"
+  stage = Stage(((".*", 1.0),), weight_decay=False, penalty=("delta", float(alpha), float(beta)))
+  return Strategy(spec, (stage,))
+
+
+def bss(groups, eta: float = 0.001, k: int = 1) -> Strategy:
+  """Batch spectral shrinkage (Chen et al. 2019): full fine-tuning plus eta x the k smallest
+  squared singular values of each batch's penultimate features (tlresearch.penalty), which
+  suppresses the feature directions that do not transfer; weight decay as usual."""
+  _nonnegative("bss", eta=eta)
+  if not isinstance(k, int) or k < 1:
+    raise UserError(f"strategy 'bss': k must be an integer >= 1, got {k}")
+  spec = f"bss:eta={eta:g},k={k}"
+  return Strategy(spec, (Stage(((".*", 1.0),), penalty=("bss", float(eta), k)),))
+
+
+def lwf(groups, lam: float = 1.0, temperature: float = 2.0) -> Strategy:
+  """Learning without forgetting (Li & Hoiem 2017): full fine-tuning plus lam x the KL
+  divergence of the network's temperature-softened source-task predictions (through the
+  pretrained source head) from the frozen pretrained network's, on the target images
+  (tlresearch.penalty); weight decay as usual. Needs the project's source pretraining,
+  whose checkpoint holds the source head."""
+  _nonnegative("lwf", lam=lam)
+  if not isinstance(temperature, (int, float)) or temperature <= 0:
+    raise UserError(f"strategy 'lwf': temperature must be > 0, got {temperature}")
+  spec = f"lwf:lam={lam:g},temperature={temperature:g}"
+  return Strategy(spec, (Stage(((".*", 1.0),),
+                               penalty=("lwf", float(lam), float(temperature))),))
+
+
+def wise_ft(groups, probe: float = 0.5) -> Strategy:
+  """WiSE-FT (Wortsman et al. 2022) on LP-FT: the linear probe, then full fine-tuning from
+  it (as `lp_ft`), then the weights are interpolated, theta(a) = (1 - a) theta_probe +
+  a theta_fine_tuned, over a = 0, 0.1, ..., 1, with a chosen on validation
+  (tlresearch.weight_space). theta_probe, the pretrained backbone with the probe's head, plays
+  the zero-shot model's part: it is the fine-tuning's starting point."""
+  base = lp_ft(groups, probe)
+  return Strategy(f"wise_ft:probe={probe:g}", base.stages, weight_space="wise_ft")
 
 
 def _group(groups, group, spec: str) -> str:
@@ -249,6 +303,10 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "bitfit": bitfit,
     "norm_only": norm_only,
     "l2_sp": l2_sp,
+    "delta": delta,
+    "bss": bss,
+    "lwf": lwf,
+    "wise_ft": wise_ft,
     "surgical": surgical,
     "layer_transfer": layer_transfer,
     "random_features": random_features,

@@ -21,7 +21,7 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from tlresearch import optim, parallel, penalty, probe, programs, timing
+from tlresearch import optim, parallel, penalty, probe, programs, timing, weight_space
 from tlresearch.checkpoint import CheckpointError
 from tlresearch.data.augment import FILL_MODES, AugmentSpec
 from tlresearch.errors import UserError, choices
@@ -131,6 +131,7 @@ class FitResult:
   diverged: dict | None        # {'epoch', 'step'} of the first non-finite loss, or None
   fit_seconds: float           # the whole fit's wall time (shared by seeds trained together)
   probe: dict | None = None    # the converged probe's solve (tlresearch.probe), if a stage had one
+  weight_space: dict | None = None  # WiSE-FT's curve and chosen point (tlresearch.weight_space)
 
   @property
   def epochs_run(self) -> int:
@@ -192,7 +193,7 @@ def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,
       mesh=mesh, compute_dtype=cfg.compute_dtype, schedule=cfg.get("schedule", "warmup_cosine"))
   inputs = programs.step_inputs(float(cfg.lr),
                                 float(cfg.weight_decay) if stage.weight_decay else 0.0,
-                                penalty.anchor(stage, flat_params, rule_by_path))
+                                penalty.anchor(stage, variables, rule_by_path))
   return spec, parallel.replicate(inputs, mesh)
 
 
@@ -262,6 +263,7 @@ class _Seed:
   cached: bool = False
   diverged: dict | None = None
   probe: dict | None = None    # the converged probe's solve, when a stage had one
+  weight_space: dict | None = None  # a weight-space method's record (set after the stages)
   val: dict | None = None
   test: dict | None = None
   pred: np.ndarray | None = None
@@ -316,8 +318,12 @@ class _Fit:
       self.seeds = [_Seed.from_progress(m) for m in resume["seeds"]]
       self.epochs_done = resume["epochs_done"]
     variables = lanes.stack(starts)
+    # Collections beside params and batch_stats (the pretrained source head `lwf` reads)
+    # are read-only inputs of the stages' penalties, never trained or returned.
+    extras = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
+    variables = {k: v for k, v in variables.items() if k not in extras}
     budget = optim.epoch_budget(int(self.cfg.epochs), self.steps, int(self.cfg.min_steps))
-    inputs = None
+    inputs, weights_start = None, None
     for stage_index, (stage, n_epochs) in enumerate(zip(self.strategy.stages,
                                                         stage_epochs(self.strategy.stages,
                                                                      budget))):
@@ -326,8 +332,8 @@ class _Fit:
         continue  # a diverged seed runs no later stage
       if resume is not None and stage_index < resume["stage"]:
         continue  # finished before the interruption; the checkpoint holds what it produced
-      spec, stage_inputs = stage_spec(self.model, stage, variables, self.cfg, self.n, n_epochs,
-                                      mesh=lanes.mesh)
+      spec, stage_inputs = stage_spec(self.model, stage, {**variables, **extras}, self.cfg,
+                                      self.n, n_epochs, mesh=lanes.mesh)
       paths = traverse_util.flatten_dict(variables["params"], sep="/")
       if solves_probe(self.model, stage, paths, self.cfg):
         splits = self._inputs(spec, variables, live)
@@ -340,15 +346,18 @@ class _Fit:
                              "augmentation is on")
       state = lanes.init_state(spec, variables, inputs)
       first_epoch, best_weights = 0, (state.params, state.batch_stats)
+      # A weight-space method reads the last stage's starting weights; saved with progress.
+      weights_start = variables if self.strategy.weight_space else None
       if resume is None:
         for s in live:
           r = self.seeds[s]
           r.active, r.best_score, r.stage_best_epoch, r.wait = True, None, None, 0
       else:  # this is the stage the checkpoint was saved in
         tree = self.ckpt.restore(resume, self._progress_tree(state, best_weights,
-                                                             inputs["anchor"]))
+                                                             inputs["anchor"], weights_start))
         tree = parallel.replicate(tree, lanes.mesh)
         state, best_weights = tree["state"], (tree["best_params"], tree["best_stats"])
+        weights_start = tree.get("weights_start")
         # The penalty's anchor is the stage's starting weights, saved with the progress.
         inputs = {**inputs, "anchor": tree.get("anchor", {})}
         first_epoch = resume["stage_epoch"]
@@ -358,16 +367,25 @@ class _Fit:
         resume = None
       splits = self._inputs(spec, variables, live)
       state, best_weights = self._epochs(spec, state, best_weights, splits, inputs, stage,
-                                         stage_index, first_epoch, n_epochs)
+                                         stage_index, first_epoch, n_epochs, weights_start)
       variables = self._end_stage(state, best_weights, live)
       ended = [s for s in live if self.seeds[s].diverged is not None]
       self._test(variables, splits, spec.start, ended)  # on this stage's inputs
+    if self.strategy.weight_space == "wise_ft" and weights_start is not None:
+      live = [s for s, r in enumerate(self.seeds) if r.diverged is None]
+      with timing.phase("eval"):
+        variables, records = weight_space.wise_ft(lanes, self.model, weights_start, variables,
+                                                  splits, self.data, spec.start, live)
+      for s, record in records.items():
+        self.seeds[s].weight_space = record
+        self.seeds[s].test = None  # tested again below, at the chosen point
     self._test(variables, splits, spec.start,
                [s for s, r in enumerate(self.seeds) if r.test is None])
     seconds = time.perf_counter() - t_start
     return [FitResult(variables=v, history=r.history, best_epoch=r.best_epoch, val=r.val,
                       test=r.test, test_predictions=r.pred, cached_prefix=r.cached,
-                      notes=r.notes, diverged=r.diverged, fit_seconds=seconds, probe=r.probe)
+                      notes=r.notes, diverged=r.diverged, fit_seconds=seconds, probe=r.probe,
+                      weight_space=r.weight_space)
             for v, r in zip(lanes.unstack(variables), self.seeds)]
 
   def _solve_probe(self, stage, variables, splits, live) -> dict:
@@ -418,7 +436,7 @@ class _Fit:
               for split in ("train", "val", "test")}
 
   def _epochs(self, spec, state, best_weights, splits, inputs, stage, stage_index,
-              first_epoch, n_epochs):
+              first_epoch, n_epochs, weights_start=None):
     lanes, seeds, es = self.lanes, self.seeds, self.es
     lr = spec.lr_schedule(float(self.cfg.lr))
     for stage_epoch in range(first_epoch, n_epochs):
@@ -467,16 +485,21 @@ class _Fit:
         with timing.phase("files"):
           self.ckpt.maybe_save(
               self.epochs_done,
-              lambda st=state, b=best_weights, a=inputs["anchor"]: self._progress_tree(st, b, a),
+              lambda st=state, b=best_weights, a=inputs["anchor"]: self._progress_tree(
+                  st, b, a, weights_start),
               {"stage": stage_index, "stage_epoch": stage_epoch + 1,
                "seeds": [r.progress() for r in seeds]})
     return state, best_weights
 
   @staticmethod
-  def _progress_tree(state, best_weights, anchor) -> dict:
+  def _progress_tree(state, best_weights, anchor, weights_start=None) -> dict:
     """The arrays of a fit checkpoint (the rest of the progress is JSON meta)."""
     tree = {"state": state, "best_params": best_weights[0], "best_stats": best_weights[1]}
-    return {**tree, "anchor": anchor} if anchor else tree
+    if anchor:
+      tree["anchor"] = anchor
+    if weights_start is not None:
+      tree["weights_start"] = weights_start
+    return tree
 
   def _end_stage(self, state, best_weights, live) -> dict:
     """Each live seed's variables after the stage: the best epoch's with early stopping

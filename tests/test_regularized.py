@@ -1,0 +1,249 @@
+"""Invariants of regularised fine-tuning (DELTA, BSS, LwF) and of WiSE-FT."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from tlresearch import checkpoint, models, penalty, programs, strategies, train, weight_space
+from tlresearch.errors import UserError
+from tests.conftest import fit_one, tiny_model_cfg, tiny_train_cfg
+
+SOURCE_CLASSES = 6
+
+
+def _setup():
+  model = models.build(tiny_model_cfg(), 4)
+  variables = dict(model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3))))
+  # Running statistics unlike a batch's, so that train and inference mode differ.
+  variables["batch_stats"] = jax.tree.map(lambda a: a + 0.3, variables["batch_stats"])
+  width = variables["params"]["head"]["dense"]["kernel"].shape[0]
+  source_head = {"kernel": jax.random.normal(jax.random.key(7), (width, SOURCE_CLASSES)),
+                 "bias": jnp.zeros((SOURCE_CLASSES,))}
+  return model, variables, source_head
+
+
+def _no_es(**kw):
+  cfg = tiny_train_cfg(**kw)
+  cfg.early_stopping.enabled = False
+  return cfg
+
+
+def _first_step_loss(model, variables, spec_text, dataset, cfg):
+  """The loss (task + penalty) of the first train step."""
+  stage = strategies.get(spec_text, model.groups).stages[0]
+  spec, inputs = train.stage_spec(model, stage, variables, cfg, len(dataset.train_x), 2)
+  state = programs.init_state(spec, variables, inputs)
+  idx = jnp.arange(spec.batch_size)
+  key = jax.random.key(0)
+  _, (loss, _) = programs.train_step(spec, state, jnp.asarray(dataset.train_x),
+                                     jnp.asarray(dataset.train_y), idx, key, key, inputs)
+  return float(loss)
+
+
+def _features(model, variables, x):
+  """Penultimate (pooled) features of the backbone in inference mode."""
+  fmap = model.apply(variables, programs.preprocess(jnp.asarray(x), model), stop=model.groups[-2])
+  return np.asarray(penalty.penultimate(fmap))
+
+
+# ---------------------------------------------------------------- the strategies as data
+
+@pytest.mark.parametrize("spec, decay, name", [
+    ("delta:alpha=0.1,beta=0.01", False, "delta"),
+    ("bss:eta=0.001,k=1", True, "bss"),
+    ("lwf:lam=1,temperature=2", True, "lwf"),
+])
+def test_regularised_strategies_train_everything_with_their_penalty(spec, decay, name):
+  model, variables, _ = _setup()
+  strategy = strategies.get(spec, model.groups)
+  (stage,) = strategy.stages
+  paths = traverse_util.flatten_dict(variables["params"], sep="/")
+  rules = strategies.resolve(stage.rules, paths)
+  assert all(r == 1.0 for r in rules.values())  # every parameter trains, at the base lr
+  assert stage.weight_decay is decay  # DELTA replaces weight decay; BSS and LwF add to it
+  assert stage.penalty[0] == name and strategy.spec == spec
+
+
+@pytest.mark.parametrize("spec", ["delta:alpha=-1", "bss:k=0", "bss:eta=x",
+                                  "lwf:temperature=0", "lwf:lam=-0.5"])
+def test_bad_penalty_options_are_one_line_errors(spec):
+  with pytest.raises(UserError, match="strategy"):
+    strategies.get(spec, ("stem", "stage1", "head"))
+
+
+# ---------------------------------------------------------------- DELTA
+
+def test_delta_is_zero_where_the_features_are_the_pretrained_ones(dataset):
+  model, variables, _ = _setup()
+  cfg = _no_es(weight_decay=0.0, bn_stats="frozen")  # inference-mode BatchNorm: student == teacher
+  plain = _first_step_loss(model, variables, "full", dataset, cfg)
+  delta = _first_step_loss(model, variables, "delta:alpha=10,beta=0", dataset, cfg)
+  assert delta == pytest.approx(plain, abs=1e-6)
+  # With batch statistics the network's features differ from the frozen network's: > 0.
+  cfg = _no_es(weight_decay=0.0)
+  assert (_first_step_loss(model, variables, "delta:alpha=10,beta=0", dataset, cfg)
+          > _first_step_loss(model, variables, "full", dataset, cfg) + 1e-3)
+
+
+def test_delta_value_and_gradient_pull_features_toward_the_teacher():
+  f = {"stage1": jnp.array([[1.0, 2.0], [0.0, 0.0]])}
+  t = {"stage1": jnp.array([[0.0, 2.0], [0.0, 1.0]])}
+  head = {"head/dense/kernel": jnp.array([1.0, 2.0]), "head/dense/bias": jnp.array([5.0])}
+  pen = ("delta", 0.5, 0.1)
+  # alpha/2 * mean over the batch of per-example squared distances + beta/2 ||head kernel||^2
+  expected = 0.25 * (1.0 + 1.0) / 2 + 0.05 * 5.0
+  assert float(penalty.value(pen, head, {}, "head", f, t)) == pytest.approx(expected)
+  g = jax.grad(lambda x: penalty.value(pen, head, {}, "head", {"stage1": x}, t))(f["stage1"])
+  step = -np.asarray(g)
+  np.testing.assert_allclose(step, -0.5 * (f["stage1"] - t["stage1"]) / 2)  # toward t
+
+
+def test_delta_keeps_the_features_nearer_the_pretrained_ones_than_full(dataset):
+  model, variables, _ = _setup()
+  # Inference-mode BatchNorm, so that the features compared here are the ones the penalty sees.
+  cfg = _no_es(epochs=3, lr=0.2, weight_decay=0.0, bn_stats="frozen")
+  before = _features(model, variables, dataset.test_x)
+  moved = {}
+  for spec in ("full", "delta:alpha=0.05,beta=0"):
+    out = fit_one(model, variables, strategies.get(spec, model.groups), dataset, cfg,
+                  train.CellKeys.from_seed(0))
+    moved[spec] = float(np.mean(np.sum((_features(model, out.variables, dataset.test_x)
+                                        - before) ** 2, -1)))
+  assert 0 < moved["delta:alpha=0.05,beta=0"] < 0.5 * moved["full"], moved
+
+
+def test_delta_above_a_cached_frozen_prefix_reads_only_the_groups_it_trains():
+  groups = ("stem", "stage1", "stage2", "head")
+  assert penalty.captured_groups(("delta", 1.0, 0.0), groups, "stem") == groups[:-1]
+  assert penalty.captured_groups(("delta", 1.0, 0.0), groups, "stage2") == ("stage2",)
+  assert penalty.captured_groups(("bss", 1.0, 1), groups, "stem") == ("stage2",)
+  assert penalty.captured_groups(("l2_sp", 1.0, 1.0), groups, "stem") == ()
+
+
+# ---------------------------------------------------------------- BSS
+
+@pytest.mark.parametrize("shape, k", [((8, 5), 1), ((8, 5), 2), ((3, 5), 1)])
+def test_bss_is_the_k_smallest_squared_singular_values(shape, k):
+  f = jax.random.normal(jax.random.key(shape[0] + k), shape)
+  sigma = np.linalg.svd(np.asarray(f, np.float64), compute_uv=False)  # descending
+  expected = 0.3 * np.sum(np.sort(sigma)[:k] ** 2)
+  got = penalty.value(("bss", 0.3, k), {}, {}, "head", {"stage3": f})
+  assert float(got) == pytest.approx(expected, rel=1e-4)
+
+
+def test_bss_shrinks_the_smallest_singular_direction():
+  f = jnp.array([[3.0, 0.0], [0.0, 0.5], [1.0, 0.2]])
+  g = jax.grad(lambda x: penalty.value(("bss", 1.0, 1), {}, {}, "head", {"s": x}))(f)
+  f2 = f - 0.1 * g
+  smallest = lambda a: np.linalg.svd(np.asarray(a), compute_uv=False)[-1]  # noqa: E731
+  largest = lambda a: np.linalg.svd(np.asarray(a), compute_uv=False)[0]  # noqa: E731
+  assert smallest(f2) < smallest(f)
+  assert largest(f2) == pytest.approx(largest(f), rel=1e-3)  # the top direction is left alone
+
+
+def test_bss_with_eta_zero_trains_as_full(dataset):
+  model, variables, _ = _setup()
+  cfg = _no_es(epochs=2)
+  a = fit_one(model, variables, strategies.get("full", model.groups), dataset, cfg,
+              train.CellKeys.from_seed(0))
+  b = fit_one(model, variables, strategies.get("bss:eta=0,k=1", model.groups), dataset, cfg,
+              train.CellKeys.from_seed(0))
+  assert a.test == pytest.approx(b.test, abs=1e-5)
+
+
+# ---------------------------------------------------------------- LwF
+
+def test_lwf_is_zero_while_the_network_predicts_the_source_task_as_before(dataset):
+  model, variables, source_head = _setup()
+  variables = {**variables, penalty.SOURCE_HEAD: source_head}
+  cfg = _no_es(weight_decay=0.0, bn_stats="frozen")
+  plain = _first_step_loss(model, variables, "full", dataset, cfg)
+  lwf = _first_step_loss(model, variables, "lwf:lam=5,temperature=2", dataset, cfg)
+  assert lwf == pytest.approx(plain, abs=1e-6)
+
+
+def test_lwf_value_is_the_kl_of_softened_source_predictions():
+  head = {"kernel": jnp.array([[1.0, -1.0, 0.0], [0.5, 0.0, 2.0]]), "bias": jnp.zeros(3)}
+  f = {"stage3": jnp.array([[1.0, 0.0], [0.0, 1.0]])}
+  t = {"stage3": jnp.array([[0.0, 1.0], [1.0, 1.0]])}
+  temperature, lam = 2.0, 0.7
+  soft = lambda z: np.exp(z / temperature) / np.exp(z / temperature).sum(-1, keepdims=True)  # noqa
+  p, q = soft(np.asarray(t["stage3"]) @ head["kernel"]), soft(np.asarray(f["stage3"]) @ head["kernel"])
+  expected = lam * np.mean(np.sum(p * np.log(p / q), -1))
+  got = penalty.value(("lwf", lam, temperature), {}, {penalty.SOURCE_HEAD: head}, "head", f, t)
+  assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_lwf_keeps_the_source_predictions_nearer_than_full(dataset):
+  model, variables, source_head = _setup()
+  cfg = _no_es(epochs=3, lr=0.2, bn_stats="frozen")
+  logits = lambda v: _features(model, v, dataset.test_x) @ np.asarray(source_head["kernel"])  # noqa
+  before = np.argmax(logits(variables), -1)
+  agree = {}
+  for spec in ("full", "lwf:lam=20,temperature=2"):
+    start = {**variables, penalty.SOURCE_HEAD: source_head}
+    out = fit_one(model, start, strategies.get(spec, model.groups), dataset, cfg,
+                  train.CellKeys.from_seed(0))
+    assert set(out.variables) == {"params", "batch_stats"}  # the source head is read-only
+    agree[spec] = float(np.mean(np.argmax(logits(out.variables), -1) == before))
+  assert agree["lwf:lam=20,temperature=2"] > agree["full"], agree
+
+
+def test_lwf_without_a_source_head_is_an_error():
+  model, variables, _ = _setup()
+  stage = strategies.get("lwf", model.groups).stages[0]
+  with pytest.raises(ValueError, match="source head"):
+    penalty.anchor(stage, variables, {})
+
+
+# ---------------------------------------------------------------- WiSE-FT
+
+def test_wise_ft_curve_ends_are_the_probe_and_lp_ft_and_alpha_is_chosen_on_validation(dataset):
+  model, variables, _ = _setup()
+  cfg = _no_es(epochs=3)
+  keys = train.CellKeys.from_seed(0)
+  lp_ft = fit_one(model, variables, strategies.get("lp_ft:probe=0.5", model.groups), dataset,
+                  cfg, keys)
+  wise = fit_one(model, variables, strategies.get("wise_ft:probe=0.5", model.groups), dataset,
+                 cfg, keys)
+  curve = wise.weight_space
+  assert curve["alphas"] == list(weight_space.ALPHAS)
+  # a = 1 is LP-FT's fine-tuned model, a = 0 the probe it started from.
+  assert curve["test_accuracy"][-1] == pytest.approx(lp_ft.test["accuracy"], abs=1e-6)
+  assert curve["val_accuracy"][0] == pytest.approx(lp_ft.history[0]["val_accuracy"], abs=1e-6)
+  i = curve["alphas"].index(curve["alpha"])
+  assert curve["val_accuracy"][i] == max(curve["val_accuracy"])
+  # The reported result is the chosen point's.
+  assert wise.test["accuracy"] == pytest.approx(curve["test_accuracy"][i], abs=1e-6)
+  assert wise.val["accuracy"] == pytest.approx(curve["val_accuracy"][i], abs=1e-6)
+
+
+def test_wise_ft_choice_breaks_ties_by_loss_then_larger_alpha():
+  acc = [0.5, 0.8, 0.8, 0.8] + [0.1] * 7
+  loss = [1.0, 0.4, 0.3, 0.3] + [2.0] * 7
+  assert weight_space.ALPHAS[weight_space.choose(acc, loss)] == 0.3
+
+
+def test_interrupted_wise_ft_and_delta_resume_to_the_same_result(dataset, tmp_path):
+  model, variables, _ = _setup()
+  cfg = _no_es(epochs=4)
+  keys = train.CellKeys.from_seed(0)
+
+  class Killed(Exception):
+    pass
+
+  def kill(record, _):
+    if record["epoch"] == 3:
+      raise Killed
+
+  for spec in ("wise_ft:probe=0.5", "delta:alpha=0.1,beta=0.01"):
+    strategy = strategies.get(spec, model.groups)
+    whole = fit_one(model, variables, strategy, dataset, cfg, keys)
+    folder = str(tmp_path / spec.split(":")[0])
+    ckpt = lambda: checkpoint.FitCheckpointer(folder, "fp", min_seconds=0)  # noqa: E731
+    with pytest.raises(Killed):
+      fit_one(model, variables, strategy, dataset, cfg, keys, checkpointer=ckpt(), on_epoch=kill)
+    resumed = fit_one(model, variables, strategy, dataset, cfg, keys, checkpointer=ckpt())
+    assert resumed.test == whole.test and resumed.weight_space == whole.weight_space, spec
+    np.testing.assert_array_equal(resumed.test_predictions, whole.test_predictions)
