@@ -336,3 +336,33 @@ def test_bad_input_is_a_one_line_user_error(call, match):
   with pytest.raises(UserError, match=match) as e:
     call()
   assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------- the `transferability` probe
+
+def test_transferability_probe_scores_the_starting_backbone_on_the_training_split():
+  import jax
+  import jax.numpy as jnp
+
+  from tlresearch import models, probes, programs
+  from tests.conftest import make_dataset, tiny_model_cfg
+
+  ds = make_dataset()
+  model = models.build(tiny_model_cfg(), ds.num_classes)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  width = variables["params"]["head"]["dense"]["kernel"].shape[0]
+  head = {"kernel": jax.random.normal(jax.random.key(1), (width, 5)), "bias": jnp.zeros(5)}
+  # Independently: the backbone's pooled output in inference mode, the head's softmax.
+  fmap = model.apply(variables, programs.preprocess(jnp.asarray(ds.train_x), model),
+                     stop=model.groups[-2])
+  f = np.asarray(jnp.mean(fmap, axis=(1, 2)), np.float64)
+  z = f @ np.asarray(head["kernel"], np.float64)
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  got = probes.measure(("transferability",), model, variables, variables, ds, head)
+  assert set(got) == {f"transferability_{k}" for k in tr.ESTIMATORS}
+  assert got["transferability_logme"] == pytest.approx(tr.logme(f, ds.train_y), abs=1e-5)
+  assert got["transferability_leep"] == pytest.approx(tr.leep(p, ds.train_y), abs=1e-5)
+  # Without a source head (random init, Keras weights) only the feature-based scores.
+  assert set(probes.measure(("transferability",), model, variables, variables, ds)) == {
+      "transferability_logme", "transferability_h_score"}

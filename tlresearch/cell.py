@@ -242,7 +242,8 @@ def run(cells, cell_dirs, pretrained: dict | None) -> list[dict]:
     results = train.fit(model, starts, strategy, datas, cfgs[0].train, keys,
                         checkpointer=checkpointer)
     with timing.phase("record"):
-      finals = [final_record(c, ds, rep, model, strategy, v, r)
+      source = source_head(cfgs[0], strategy, pretrained)
+      finals = [final_record(c, ds, rep, model, strategy, v, r, source)
                 for c, ds, rep, v, r in zip(cells, datas, data_reports, starts, results)]
   share = {"compile_seconds": clock.seconds / len(cells),
            "wall_seconds": (time.perf_counter() - t0) / len(cells)}
@@ -303,14 +304,22 @@ def _start_variables(cfg, model, strategy, keys, ds, pretrained):
   start = models.merge_pretrained(fresh, pretrained, not_loaded(cfg, strategy, model.groups))
   if any(penalty.needs_source_head(s.penalty) for s in strategy.stages):
     # The pretrained source head (its classifier), read by the lwf penalty.
-    start[penalty.SOURCE_HEAD] = dict(pretrained["params"]["head"]["dense"])
+    start[penalty.SOURCE_HEAD] = dict(source_head(cfg, strategy, pretrained))
   return start
 
 
+def source_head(cfg, strategy, pretrained) -> dict | None:
+  """The source task's classifier ({'kernel', 'bias'}) of the backbone a cell starts from:
+  only the project's source pretraining keeps one."""
+  if not strategy.pretrained or pretrained is None or models.pretrained_key(cfg.model):
+    return None
+  return pretrained.get("params", {}).get("head", {}).get("dense")
+
+
 def final_record(cell, ds, data_report, model, strategy, variables,
-                 result: train.FitResult) -> dict:
+                 result: train.FitResult, source=None) -> dict:
   """final.json's fields, except the timings (compile_seconds, wall_seconds) `run` adds.
-  `variables` are the cell's starting ones."""
+  `variables` are the cell's starting ones; `source` its backbone's source head, if any."""
   cfg = cell.config
   pred = result.test_predictions
   labels = list(range(ds.num_classes))
@@ -340,5 +349,5 @@ def final_record(cell, ds, data_report, model, strategy, variables,
       "probe": result.probe,
       # A weight-space method's curve and chosen point (WiSE-FT), if any.
       "weight_space": result.weight_space,
-      **probes.measure(tuple(cfg.probes), model, variables, result.variables, ds),
+      **probes.measure(tuple(cfg.probes), model, variables, result.variables, ds, source),
   }

@@ -71,10 +71,11 @@ def decide(comparisons, note: str = "") -> Verdict:
     statuses.append(REPRODUCED if c.mean > 0 and p < ALPHA else PARTLY if c.mean > 0 else NOT)
     evidence.append(c.text + (f", p = {p:.2g}" if m == 1 else
                               f", Holm-adjusted p = {p:.2g} ({m} comparisons)"))
-  return Verdict(_aggregate(statuses), tuple(evidence) + ((note,) if note else ()), comparisons)
+  return Verdict(aggregate(statuses), tuple(evidence) + ((note,) if note else ()), comparisons)
 
 
-def _aggregate(statuses) -> str:
+def aggregate(statuses) -> str:
+  """One status from several (a claim's comparisons, an experiment's claims)."""
   known = [s for s in statuses if s != INCONCLUSIVE]
   if not known:
     return INCONCLUSIVE
@@ -188,7 +189,7 @@ def combine(verdicts, note: str = "") -> Verdict:
 
 def overall(verdicts) -> str:
   """The experiment's verdict from its claims' (each claim adjusted on its own)."""
-  return _aggregate([v.status for v in verdicts])
+  return aggregate([v.status for v in verdicts])
 
 
 def markdown(name: str, spec: Findings, r: Results, command: str, plots: list[str]) -> str:

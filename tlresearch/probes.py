@@ -8,17 +8,22 @@
   the last backbone group) on the test images: mean over images of
   ||f_after(x) - f_before(x)|| / ||f_before(x)||, where `before` is the network as fine-tuning
   found it (the pretrained backbone). A linear probe scores exactly 0.
+- `transferability`: the transferability estimators (tlresearch.transferability) of the
+  starting backbone on the target's training split, before any training: LogME and H-score
+  from its penultimate features; LEEP and NCE from the pretrained source head's predictions
+  when the backbone has one (the project's source pretraining; not random init or Keras
+  weights). Fields `transferability_<name>`.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 
-from tlresearch import programs
+from tlresearch import programs, transferability
 from tlresearch.data.builders import glyphs
 from tlresearch.errors import UserError, choices
 
-PROBES = ("ood_corrupted", "feature_change")
+PROBES = ("ood_corrupted", "feature_change", "transferability")
 CORRUPTION_SEED = 0  # one fixed corrupted test set per target
 
 
@@ -47,8 +52,23 @@ def check(names) -> None:
     raise UserError(f"unknown probe(s) {', '.join(map(str, bad))}; valid: {choices(PROBES)}")
 
 
-def measure(names, model, before, after, ds) -> dict:
-  """{metric: value} for the probes in `names` (see the module docstring)."""
+def transferability_scores(model, variables, ds, source_head=None) -> dict:
+  """{`transferability_<estimator>`: score} of the backbone in `variables` on ds's training
+  split; `source_head` ({'kernel', 'bias'} on the pooled features) adds LEEP and NCE."""
+  features = np.asarray(penultimate(model, variables, ds.train_x), np.float64)
+  probs = None
+  if source_head is not None:
+    logits = features @ np.asarray(source_head["kernel"], np.float64) + np.asarray(
+        source_head["bias"], np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  scores = transferability.score_all(features, np.asarray(ds.train_y), probs)
+  return {f"transferability_{k}": float(v) for k, v in scores.items()}
+
+
+def measure(names, model, before, after, ds, source_head=None) -> dict:
+  """{metric: value} for the probes in `names` (see the module docstring); `source_head`:
+  the pretrained source classifier of `before`'s backbone, if it has one."""
   check(names)
   out = {}
   if "ood_corrupted" in names:
@@ -57,4 +77,6 @@ def measure(names, model, before, after, ds) -> dict:
     out["ood_test_accuracy"] = metrics["accuracy"]
   if "feature_change" in names:
     out["feature_change"] = feature_change(model, before, after, ds.test_x)
+  if "transferability" in names:
+    out.update(transferability_scores(model, before, ds, source_head))
   return out

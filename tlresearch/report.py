@@ -45,7 +45,9 @@ METRICS = {"test_accuracy": Metric("test accuracy"),
            "val_accuracy": Metric("validation accuracy"),
            "ood_test_accuracy": Metric("OOD (corrupted test) accuracy"),
            "feature_change": Metric("feature change (relative L2)", **_AS_IS),
-           "epochs_run": Metric("epochs run", **_AS_IS)}
+           "epochs_run": Metric("epochs run", **_AS_IS),
+           **{f"transferability_{k}": Metric(name, **_AS_IS) for k, name in (
+               ("logme", "LogME"), ("leep", "LEEP"), ("nce", "NCE"), ("h_score", "H-score"))}}
 DEFAULT_METRICS = ("test_accuracy", "test_macro_f1")  # tables without config.report.metrics
 
 
@@ -126,10 +128,11 @@ def _params(finals, row_axes, key, col) -> str:
 
 
 def _by_seed(finals, row_axes, col_axis="target", metric="test_accuracy"):
-  """{(row key, column): {seed: value}} over finished (status ok) cells."""
+  """{(row key, column): {seed: value}} over finished (status ok) cells that have `metric`
+  (a cell may lack one, e.g. LEEP for a backbone without a source head)."""
   out = {}
   for f in finals:
-    if f.get("status", "ok") == "ok":
+    if f.get("status", "ok") == "ok" and f.get(metric) is not None:
       key = (tuple(f["axes"][a] for a in row_axes), f["axes"][col_axis])
       out.setdefault(key, {})[f["axes"]["seed"]] = f[metric]
   return out
