@@ -9,7 +9,10 @@ Rows (tlresearch.strategies, tlresearch.penalty, tlresearch.weight_space):
 - `bss` (Chen et al. 2019): batch spectral shrinkage of the penultimate features;
 - `lwf` (Li & Hoiem 2017): the source task's softened predictions kept on target images;
 - `lp_ft` (Kumar et al. 2022) and `wise_ft` (Wortsman et al. 2022): LP-FT, and the weight
-  interpolation between its probe and its fine-tuned network, alpha chosen on validation.
+  interpolation between its probe and its fine-tuned network, alpha chosen on validation;
+- `soup` (Wortsman et al. 2022, model soups): three `full` fine-tunings at lr/3, lr and 3 lr
+  from the same start, averaged (the greedy soup, BatchNorm statistics recomputed on the
+  training split).
 The regularisers' strengths are the papers' (and the Transfer-Learning-Library's) defaults;
 what is selected on validation per row and target is the learning rate, as for every
 strategy of this project, so each row is trained at its own optimum lr.
@@ -28,8 +31,8 @@ TARGETS = ("glyphs_input_shift", "digits")
 FULL, L2_SP, DELTA, BSS, LWF = ("full", "l2_sp:alpha=0.01,beta=0.01",
                                 "delta:alpha=0.01,beta=0.01", "bss:eta=0.001,k=1",
                                 "lwf:lam=1,temperature=2")
-LP_FT, WISE_FT = "lp_ft:probe=0.5", "wise_ft:probe=0.5"
-STRATEGIES = (FULL, L2_SP, DELTA, BSS, LWF, LP_FT, WISE_FT)
+LP_FT, WISE_FT, SOUP = "lp_ft:probe=0.5", "wise_ft:probe=0.5", "soup:n=3,spread=3,bn=recompute"
+STRATEGIES = (FULL, L2_SP, DELTA, BSS, LWF, LP_FT, WISE_FT, SOUP)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -87,7 +90,9 @@ FINDINGS = findings.Findings(
           "Wang, Fu, Long, Wang. Catastrophic Forgetting Meets Negative Transfer: Batch "
           "Spectral Shrinkage for Safe Transfer Learning (BSS). NeurIPS 2019. / Li, Hoiem. "
           "Learning without Forgetting. TPAMI 2017. / Wortsman et al. Robust Fine-Tuning of "
-          "Zero-Shot Models (WiSE-FT). CVPR 2022.",
+          "Zero-Shot Models (WiSE-FT). CVPR 2022. / Wortsman et al. Model soups: averaging "
+          "weights of multiple fine-tuned models improves accuracy without increasing "
+          "inference time. ICML 2022.",
     setup="ResNet-8 pretrained on rendered glyphs; targets glyphs_input_shift and digits with "
           "20 examples per class; the regularisers at their papers' default strengths; lr "
           "selected per strategy and target on validation; OOD = a fixed corrupted copy of "
@@ -117,6 +122,14 @@ FINDINGS = findings.Findings(
             "network).",
             _each_target(lambda r, t: findings.not_worse(r, _w(WISE_FT, t), _w(LP_FT, t),
                                                          f"WiSE-FT ({t})", "LP-FT", 0.01))),
+        findings.Claim(
+            "A greedy soup of fine-tunings with different learning rates beats the single "
+            "best fine-tuning (full at its selected lr).", _better_than_full(SOUP, "soup")),
+        findings.Claim(
+            "The greedy soup is also more robust under distribution shift than fine-tuning.",
+            _each_target(lambda r, t: findings.better(
+                r, _w(SOUP, t), _w(FULL, t), f"soup OOD ({t})", "fine-tuning OOD",
+                "ood_test_accuracy"))),
     ),
     plots=(_plot, _wise_ft_curve),
 )

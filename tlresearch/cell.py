@@ -334,10 +334,7 @@ def final_record(cell, ds, data_report, model, strategy, variables,
           ds.test_y, pred, labels=labels, target_names=list(ds.class_names), output_dict=True,
           zero_division=0),
       "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-      # The best validation score came in the last epoch an optimizer trained: the budget,
-      # not the strategy, may have stopped it (flagged in the tables).
-      "budget_limited": bool(result.history and result.best_epoch == result.epochs_run
-                             and result.history[-1].get("solver") != "lbfgs"),
+      "budget_limited": result.budget_limited,
       "trainable_params": trainable_params(variables, strategy),
       "total_params": optim.count(variables["params"]),
       "train_examples": int(len(ds.train_x)), "cached_prefix": result.cached_prefix,

@@ -136,6 +136,13 @@ class FitCheckpointer:
     self.every_epochs, self.min_seconds = max(1, int(every_epochs)), float(min_seconds)
     self._last_epoch, self._last_time = 0, time.monotonic()
 
+  def part(self, i: int) -> "FitCheckpointer":
+    """The checkpointer of part i of one run (a soup's i-th ingredient): its own folder
+    below this one's, under the same policy."""
+    return FitCheckpointer(os.path.join(self.rolling.directory, f"part{i}"),
+                           f"{self.fingerprint}-part{i}", self.every_epochs, self.min_seconds,
+                           self.rolling.keep)
+
   def peek(self) -> dict | None:
     """Meta of the newest checkpoint saved under this fingerprint (arrays not yet read)."""
     for step in reversed(self.rolling.steps()):

@@ -30,6 +30,13 @@ train step adds `value(...)` to the cross-entropy. What the penalties pull towar
 Biases and BatchNorm scales and shifts are never penalised, as they are exempt from weight
 decay (`optim.decay_mask`).
 
+The frozen starting network of `delta` and `lwf` runs its BatchNorm in the trained
+network's mode (batch statistics, not its running ones; programs._teacher_features), so
+both penalties are 0 at the start and charge only what the weight changes did. The
+Transfer-Learning-Library evaluates it in inference mode instead; on a target whose
+statistics differ from the source's, that also charges the gap between batch and running
+statistics, which no weight change can close (docs/strategies.md has the measurement).
+
 The anchor (reference weights, the frozen starting network, the source head) is a
 non-trainable input of the train step, not a constant baked into the compiled program, so
 one compiled step serves every seed; it is saved with a stage's checkpoints.

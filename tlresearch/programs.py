@@ -178,12 +178,20 @@ def _loss_and_logits(spec, params, batch_stats, x, y, dropout_key, capture=()):
 
 
 def _teacher_features(spec, teacher, x, capture) -> dict:
-  """The captured group outputs of the frozen starting network (inference mode) on the
-  same batch: what `delta` and `lwf` compare the trained network with."""
+  """The captured group outputs of the frozen starting network on the same batch: what
+  `delta` and `lwf` compare the trained network with.
+
+  Its BatchNorm runs in the same mode as the trained network's (batch statistics where
+  those are used; its own running statistics are not updated), so the comparison is 0 at
+  the start and measures only what training changed in the weights. With the starting
+  network in inference mode instead, on a target whose statistics differ from the source's
+  the penalty would also charge the gap between batch and running statistics, which no
+  weight change can close (docs/strategies.md)."""
   teacher, x = in_compute_dtype((teacher, x), spec.compute_dtype)
-  _, updates = spec.model.apply(teacher, x, train=False, start=spec.start,
+  _, updates = spec.model.apply(teacher, x, train=True, frozen_bn=spec.frozen_bn,
+                                start=spec.start, stop=capture[-1],
                                 capture_intermediates=_capture(capture),
-                                mutable=["intermediates"])
+                                mutable=["intermediates", "batch_stats"])
   return jax.lax.stop_gradient(_captured(updates, capture))
 
 
@@ -210,7 +218,7 @@ def _train_step(spec: StepSpec, state: TrainState, x, y, batch_idx, dropout_key,
   dropout_key = jax.random.fold_in(dropout_key, state.step)
   capture = penalty.captured_groups(spec.penalty, spec.model.groups, spec.start)
   teacher = (_teacher_features(spec, inputs["anchor"]["teacher"], x, capture)
-             if penalty.needs_teacher(spec.penalty) else None)
+             if penalty.needs_teacher(spec.penalty) and capture else None)
 
   def loss_fn(trainable):
     loss, (logits, stats, features) = _loss_and_logits(

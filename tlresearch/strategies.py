@@ -9,7 +9,7 @@ A strategy is one or more `Stage`s (multi-stage strategies such as LP-FT or grad
 unfreezing are several, each with its own epoch budget, optimizer state and schedule), plus
 which backbone groups start from the pretrained weights. A stage may add a loss penalty or
 replace weight decay by one (tlresearch.penalty: L2-SP, DELTA, BSS, LwF), and a strategy may
-end with a weight-space method (WiSE-FT, tlresearch.weight_space). Strategies are named
+end with a weight-space method (WiSE-FT, model soups; tlresearch.weight_space). Strategies are named
 by a spec string `name` or `name:key=value,...`, e.g. `partial:k=2`, `layer_decay:decay=0.7`,
 `surgical:group=stage1`, `l2_sp:alpha=0.01,beta=0.01`.
 """
@@ -46,9 +46,10 @@ class Strategy:
   # Load only the first n groups from the checkpoint (the rest keep their random init);
   # None: every backbone group. The head is never loaded unless the cell asks for it.
   transfer_groups: int | None = None
-  # A weight-space method applied after the last stage (tlresearch.weight_space): "wise_ft"
-  # interpolates between the last stage's starting and final weights.
-  weight_space: str = ""
+  # A weight-space method (tlresearch.weight_space): ("wise_ft",) interpolates between the
+  # last stage's starting and final weights; ("soup", lr multipliers, bn) averages
+  # fine-tunings of the stages at those multiples of the lr.
+  weight_space: tuple = ()
 
 
 def stage_epochs(stages, budget: int) -> list[int]:
@@ -242,7 +243,29 @@ def wise_ft(groups, probe: float = 0.5) -> Strategy:
   (tlresearch.weight_space). theta_probe, the pretrained backbone with the probe's head, plays
   the zero-shot model's part: it is the fine-tuning's starting point."""
   base = lp_ft(groups, probe)
-  return Strategy(f"wise_ft:probe={probe:g}", base.stages, weight_space="wise_ft")
+  return Strategy(f"wise_ft:probe={probe:g}", base.stages, weight_space=("wise_ft",))
+
+
+SOUP_BN = ("recompute", "average")
+
+
+def soup(groups, n: int = 3, spread: float = 3.0, bn: str = "recompute") -> Strategy:
+  """Model soups (Wortsman et al. 2022): n `full` fine-tunings from the same start (same
+  seed: same head init, data subset and order), at the lr x spread**t for t evenly spaced
+  in [-1, 1] (n=3, spread=3: lr/3, lr, 3 lr), averaged in weight space. The uniform soup
+  averages all; the greedy soup (the reported result) adds ingredients in order of
+  validation accuracy, each only if the soup's validation accuracy does not drop
+  (tlresearch.weight_space). BatchNorm statistics: `recompute` on the training split for
+  the averaged weights (as SWA's update_bn), or `average` them like the weights."""
+  if not isinstance(n, int) or n < 2:
+    raise UserError(f"strategy 'soup': n must be an integer >= 2, got {n}")
+  if not isinstance(spread, (int, float)) or spread < 1:
+    raise UserError(f"strategy 'soup': spread must be a number >= 1, got {spread}")
+  if bn not in SOUP_BN:
+    raise UserError(f"strategy 'soup': bn must be one of {choices(SOUP_BN)}, got '{bn}'")
+  multipliers = tuple(float(spread ** (-1 + 2 * i / (n - 1))) for i in range(n))
+  return Strategy(f"soup:n={n},spread={spread:g},bn={bn}", full(groups).stages,
+                  weight_space=("soup", multipliers, bn))
 
 
 def _group(groups, group, spec: str) -> str:
@@ -307,6 +330,7 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "bss": bss,
     "lwf": lwf,
     "wise_ft": wise_ft,
+    "soup": soup,
     "surgical": surgical,
     "layer_transfer": layer_transfer,
     "random_features": random_features,

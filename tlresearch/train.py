@@ -131,11 +131,21 @@ class FitResult:
   diverged: dict | None        # {'epoch', 'step'} of the first non-finite loss, or None
   fit_seconds: float           # the whole fit's wall time (shared by seeds trained together)
   probe: dict | None = None    # the converged probe's solve (tlresearch.probe), if a stage had one
-  weight_space: dict | None = None  # WiSE-FT's curve and chosen point (tlresearch.weight_space)
+  weight_space: dict | None = None  # WiSE-FT's or a soup's record (tlresearch.weight_space)
+  limited: bool | None = None  # a soup's budget_limited (of its members); None: from history
 
   @property
   def epochs_run(self) -> int:
     return len(self.history)
+
+  @property
+  def budget_limited(self) -> bool:
+    """The best validation score came in the last epoch an optimizer trained: the budget,
+    not the strategy, may have stopped it (flagged in the tables)."""
+    if self.limited is not None:
+      return self.limited
+    return bool(self.history and self.best_epoch == self.epochs_run
+                and self.history[-1].get("solver") != "lbfgs")
 
 
 def _first_trainable_group(rule_by_path, groups) -> int:
@@ -201,6 +211,16 @@ def stage_spec(model, stage, variables, cfg, n_train: int, n_epochs: int,
 
 def fit(model, starts, strategy, datas, cfg, keys, checkpointer=None,
         on_epoch=None) -> list[FitResult]:
+  """`_fit_seeds`, or for a model soup (tlresearch.weight_space.soup) one `_fit_seeds` per
+  ingredient, averaged."""
+  if strategy.weight_space[:1] == ("soup",):
+    return weight_space.soup(model, starts, strategy, datas, cfg, keys, checkpointer, on_epoch,
+                             _fit_seeds)
+  return _fit_seeds(model, starts, strategy, datas, cfg, keys, checkpointer, on_epoch)
+
+
+def _fit_seeds(model, starts, strategy, datas, cfg, keys, checkpointer=None,
+               on_epoch=None) -> list[FitResult]:
   """Trains each seed's starting variables under `strategy`; one `FitResult` per seed.
 
   Args:
@@ -347,7 +367,7 @@ class _Fit:
       state = lanes.init_state(spec, variables, inputs)
       first_epoch, best_weights = 0, (state.params, state.batch_stats)
       # A weight-space method reads the last stage's starting weights; saved with progress.
-      weights_start = variables if self.strategy.weight_space else None
+      weights_start = variables if self.strategy.weight_space[:1] == ("wise_ft",) else None
       if resume is None:
         for s in live:
           r = self.seeds[s]
@@ -371,7 +391,7 @@ class _Fit:
       variables = self._end_stage(state, best_weights, live)
       ended = [s for s in live if self.seeds[s].diverged is not None]
       self._test(variables, splits, spec.start, ended)  # on this stage's inputs
-    if self.strategy.weight_space == "wise_ft" and weights_start is not None:
+    if weights_start is not None:
       live = [s for s, r in enumerate(self.seeds) if r.diverged is None]
       with timing.phase("eval"):
         variables, records = weight_space.wise_ft(lanes, self.model, weights_start, variables,
