@@ -326,3 +326,31 @@ def test_interrupted_soup_resumes_to_the_same_result(dataset, tmp_path):
     fit_one(model, variables, strategy, dataset, cfg, keys, checkpointer=ckpt(), on_epoch=kill)
   resumed = fit_one(model, variables, strategy, dataset, cfg, keys, checkpointer=ckpt())
   assert resumed.test == whole.test and resumed.weight_space == whole.weight_space
+
+
+@pytest.mark.parametrize("spec", ["lwf:lam=0,temperature=2", "delta:alpha=0,beta=0"])
+def test_a_zero_strength_penalty_trains_as_its_base(dataset, spec):
+  # The extra forward pass of the frozen starting network changes nothing but the penalty.
+  model, variables, source_head = _setup()
+  cfg = _no_es(epochs=2, weight_decay=0.0)
+  keys = train.CellKeys.from_seed(0)
+  start = {**variables, penalty.SOURCE_HEAD: source_head}
+  a = fit_one(model, variables, strategies.get("full", model.groups), dataset, cfg, keys)
+  b = fit_one(model, start, strategies.get(spec, model.groups), dataset, cfg, keys)
+  assert a.test == pytest.approx(b.test, abs=1e-5)
+  np.testing.assert_array_equal(a.test_predictions, b.test_predictions)
+
+
+def test_wise_ft_with_recomputed_statistics_picks_its_best_validation_point(dataset):
+  model, variables, _ = _setup()
+  cfg = _no_es(epochs=3)
+  wise = fit_one(model, variables,
+                 strategies.get("wise_ft:probe=0.5,bn=recompute", model.groups), dataset, cfg,
+                 train.CellKeys.from_seed(0))
+  curve = wise.weight_space
+  assert curve["bn"] == "recompute" and len(curve["val_accuracy"]) == len(weight_space.ALPHAS)
+  i = curve["alphas"].index(curve["alpha"])
+  assert curve["val_accuracy"][i] == max(curve["val_accuracy"])
+  assert wise.test["accuracy"] == pytest.approx(curve["test_accuracy"][i], abs=1e-6)
+  with pytest.raises(UserError, match="bn must be one of"):
+    strategies.get("wise_ft:bn=median", model.groups)

@@ -101,6 +101,8 @@ class Findings:
   # plot(results, out_dir) -> path of a PNG written there
   plots: tuple[Callable[["Results", str], str], ...] = ()
   setup: str = ""                            # how our setting differs from the paper's
+  method: str = ""                           # how the verdicts are decided, when not by the
+  #                                            paired tests below (replaces that paragraph)
 
 
 class Results:
@@ -208,12 +210,13 @@ def markdown(name: str, spec: Findings, r: Results, command: str, plots: list[st
   for i, (claim, v) in enumerate(zip(spec.claims, verdicts), 1):
     out += [f"## Claim {i}: {claim.text}", "", f"Verdict: **{v.status}**", ""]
     out += [f"- {e}" for e in v.evidence] + [""]
-  out += ["Numbers are test-split means over seeds with 95% Student-t intervals; differences "
+  default = ("Numbers are test-split means over seeds with 95% Student-t intervals; differences "
           "are paired by seed (same data subset, head init and data order), with the two-sided "
           "paired t-test; when a claim rests on several comparisons, their p-values are "
           "Holm-Bonferroni adjusted (family-wise error 5% per claim) and the adjusted value is "
           f"shown. A comparison needs {MIN_SEEDS} paired seeds. Verdict rules: "
-          "`tlresearch/findings.py`; the table with every configuration is `table.md`.", ""]
+          "`tlresearch/findings.py`; the table with every configuration is `table.md`.")
+  out += [spec.method or default, ""]
   if plots:
     out += ["Plots: " + ", ".join(f"`{p}`" for p in plots), ""]
   out += ["Made by:", "", "```", command, "```", ""]

@@ -46,7 +46,7 @@ class Strategy:
   # Load only the first n groups from the checkpoint (the rest keep their random init);
   # None: every backbone group. The head is never loaded unless the cell asks for it.
   transfer_groups: int | None = None
-  # A weight-space method (tlresearch.weight_space): ("wise_ft",) interpolates between the
+  # A weight-space method (tlresearch.weight_space): ("wise_ft", bn) interpolates between the
   # last stage's starting and final weights; ("soup", lr multipliers, bn) averages
   # fine-tunings of the stages at those multiples of the lr.
   weight_space: tuple = ()
@@ -236,14 +236,22 @@ def lwf(groups, lam: float = 1.0, temperature: float = 2.0) -> Strategy:
                                penalty=("lwf", float(lam), float(temperature))),))
 
 
-def wise_ft(groups, probe: float = 0.5) -> Strategy:
+WISE_FT_BN = ("interpolate", "recompute")
+
+
+def wise_ft(groups, probe: float = 0.5, bn: str = "interpolate") -> Strategy:
   """WiSE-FT (Wortsman et al. 2022) on LP-FT: the linear probe, then full fine-tuning from
   it (as `lp_ft`), then the weights are interpolated, theta(a) = (1 - a) theta_probe +
   a theta_fine_tuned, over a = 0, 0.1, ..., 1, with a chosen on validation
-  (tlresearch.weight_space). theta_probe, the pretrained backbone with the probe's head, plays
+  (tlresearch.weight_space); BatchNorm statistics `bn=interpolate`d like the weights or
+  `recompute`d on the training split at each point. theta_probe, the pretrained backbone with the probe's head, plays
   the zero-shot model's part: it is the fine-tuning's starting point."""
   base = lp_ft(groups, probe)
-  return Strategy(f"wise_ft:probe={probe:g}", base.stages, weight_space=("wise_ft",))
+  if bn not in WISE_FT_BN:
+    raise UserError(f"strategy 'wise_ft': bn must be one of {choices(WISE_FT_BN)}, got '{bn}'")
+  # The default keeps the spec "wise_ft:probe=P" that tables showed before `bn` existed.
+  spec = f"wise_ft:probe={probe:g}" + (f",bn={bn}" if bn != "interpolate" else "")
+  return Strategy(spec, base.stages, weight_space=("wise_ft", bn))
 
 
 SOUP_BN = ("recompute", "average")

@@ -395,7 +395,8 @@ class _Fit:
       live = [s for s, r in enumerate(self.seeds) if r.diverged is None]
       with timing.phase("eval"):
         variables, records = weight_space.wise_ft(lanes, self.model, weights_start, variables,
-                                                  splits, self.data, spec.start, live)
+                                                  splits, self.data, spec.start, live,
+                                                  self.strategy.weight_space[1])
       for s, record in records.items():
         self.seeds[s].weight_space = record
         self.seeds[s].test = None  # tested again below, at the chosen point

@@ -7,9 +7,11 @@ seed's a is chosen on its validation split (highest accuracy, ties to the lower 
 loss, then to the larger a); the whole curve, validation and test, is recorded, so a table
 can show where on it the chosen point lies.
 
-BatchNorm running statistics are interpolated like the weights. They are exact at a = 0
-and a = 1; in between they are the interpolation of the two networks' statistics, not the
-statistics of the interpolated network (which would need a pass over the training data).
+BatchNorm running statistics are interpolated like the weights (`bn=interpolate`). They are
+exact at a = 0 and a = 1; in between they are the interpolation of the two networks'
+statistics, not the statistics of the interpolated network. `bn=recompute` recomputes them
+for every point on the seed's training split (`recompute_batch_stats`), at the cost of a pass
+over it per point; then a = 1 is LP-FT's network with recomputed statistics.
 Frozen parameters are equal at both ends, so a cached frozen prefix stays valid along the
 whole curve.
 """
@@ -39,33 +41,44 @@ def choose(val_accuracy, val_loss) -> int:
   return max(range(len(keys)), key=keys.__getitem__)
 
 
-def wise_ft(lanes, model, start, end, splits, data, group_start, seeds):
+def wise_ft(lanes, model, start, end, splits, data, group_start, seeds, bn="interpolate"):
   """The interpolated weights each seed chooses, and per seed the curve record.
 
   `start`, `end`: stacked variables (lanes' layout); `splits`: the model inputs of val and
   test (images, or a cached prefix's outputs starting at `group_start`); `seeds`: the seed
-  indices to record (the others keep `end`)."""
+  indices to record (the others keep `end`); `bn`: "interpolate" the BatchNorm statistics
+  like the weights, or "recompute" them for each point on its seed's training split (only
+  where the stage ran on images: a cached prefix's outputs depend on its statistics)."""
+  recompute = bn == "recompute" and group_start == model.groups[0]
+
+  def point(alpha):
+    v = interpolate(start, end, alpha)
+    if not recompute:
+      return v
+    return lanes.stack([recompute_batch_stats(model, tree, x) for tree, x in
+                        zip(lanes.unstack(v), lanes.unstack(data["train_x"]))])
+
   curves = []
   for alpha in ALPHAS:
-    v = interpolate(start, end, alpha)
+    v = point(alpha)
     val, _ = lanes.evaluate(model, v, splits["val"], data["val_y"], group_start)
     test, _ = lanes.evaluate(model, v, splits["test"], data["test_y"], group_start)
     curves.append((val, test))
-  records, chosen = {}, np.full(lanes.size, len(ALPHAS) - 1)
+  records, chosen = {}, np.full(lanes.size, -1)
   for s in seeds:
     val_acc = [float(c[0]["accuracy"][s]) for c in curves]
     val_loss = [float(c[0]["loss"][s]) for c in curves]
     i = choose(val_acc, val_loss)
     chosen[s] = i
-    records[s] = {"method": "wise_ft", "alphas": list(ALPHAS), "alpha": ALPHAS[i],
+    records[s] = {"method": "wise_ft", "bn": bn, "alphas": list(ALPHAS), "alpha": ALPHAS[i],
                   "val_accuracy": val_acc, "val_loss": val_loss,
                   "test_accuracy": [float(c[1]["accuracy"][s]) for c in curves]}
   # Each seed's chosen point, assembled one alpha at a time (lanes.select works per seed).
-  out = end
+  out = end  # seeds not recorded (diverged) keep theirs
   for i, alpha in enumerate(ALPHAS):
     flags = chosen == i
-    if flags.any() and i != len(ALPHAS) - 1:
-      out = lanes.select(flags, interpolate(start, end, alpha), out)
+    if flags.any() and (recompute or i != len(ALPHAS) - 1):
+      out = lanes.select(flags, point(alpha), out)
   return out, records
 
 
