@@ -354,3 +354,65 @@ def test_wise_ft_with_recomputed_statistics_picks_its_best_validation_point(data
   assert wise.test["accuracy"] == pytest.approx(curve["test_accuracy"][i], abs=1e-6)
   with pytest.raises(UserError, match="bn must be one of"):
     strategies.get("wise_ft:bn=median", model.groups)
+
+
+# ---------------------------------------------------------------- DELTA's channel attention
+
+def test_channel_weights_follow_the_loss_increase_and_sum_to_one():
+  from tlresearch import attention
+  w = attention.channel_weights([1.0, 1.5, 3.0, 1.0], base=1.0)
+  assert w.sum() == pytest.approx(1.0, abs=1e-6)
+  assert np.argmax(w) == 2 and w[0] == pytest.approx(w[3]) and w[1] > w[0]
+  np.testing.assert_allclose(attention.channel_weights([2.0] * 4, 1.0), 0.25)
+
+
+def test_zeroed_channel_losses_match_a_direct_computation(dataset):
+  import optax
+  from tlresearch import attention
+  model, variables, _ = _setup()
+  x = programs.prefix_outputs(model, variables, jnp.asarray(dataset.train_x), "stage1")
+  y = jnp.asarray(dataset.train_y)
+  losses, base = attention._zeroed_losses(model, "stage2", variables, x, y)
+  for j in (0, x.shape[-1] - 1):
+    h = x.at[..., j].set(0.0)
+    logits = model.apply(variables, h, start="stage2")
+    direct = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    assert float(losses[j]) == pytest.approx(float(direct), rel=1e-5)
+  logits = model.apply(variables, x, start="stage2")
+  assert float(base) == pytest.approx(
+      float(optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()), rel=1e-5)
+
+
+def test_delta_attention_weighs_each_channel_of_the_distance():
+  f = {"stage1": jnp.array([[[[1.0, 2.0]]], [[[0.0, 0.0]]]])}  # [batch 2, 1, 1, 2 channels]
+  t = {"stage1": jnp.zeros((2, 1, 1, 2))}
+  anchor = {"attention": {"stage1": jnp.array([0.75, 0.25])}}
+  pen = ("delta", 2.0, 0.0, "attention")
+  expected = 0.5 * 2.0 * (0.75 * 1.0 + 0.25 * 4.0) / 2
+  assert float(penalty.value(pen, {}, anchor, "head", f, t)) == pytest.approx(expected)
+  with pytest.raises(ValueError, match="attention"):  # asked for, but never computed
+    penalty.value(pen, {}, {}, "head", f, t)
+
+
+def test_delta_with_attention_trains_and_resumes_bitwise(dataset, tmp_path):
+  model, variables, _ = _setup()
+  cfg = _no_es(epochs=3, weight_decay=0.0)
+  keys = train.CellKeys.from_seed(0)
+  strategy = strategies.get("delta:alpha=0.1,beta=0.01,attention=1", model.groups)
+  assert strategy.stages[0].penalty[3:] == ("attention",)
+  whole = fit_one(model, variables, strategy, dataset, cfg, keys)
+
+  class Killed(Exception):
+    pass
+
+  def kill(record, _):
+    if record["epoch"] == 2:
+      raise Killed
+
+  ckpt = lambda: checkpoint.FitCheckpointer(str(tmp_path / "ck"), "fp", min_seconds=0)  # noqa
+  with pytest.raises(Killed):
+    fit_one(model, variables, strategy, dataset, cfg, keys, checkpointer=ckpt(), on_epoch=kill)
+  resumed = fit_one(model, variables, strategy, dataset, cfg, keys, checkpointer=ckpt())
+  assert resumed.test == whole.test
+  with pytest.raises(UserError, match="attention must be 0 or 1"):
+    strategies.get("delta:attention=2", model.groups)

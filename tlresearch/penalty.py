@@ -11,9 +11,9 @@ train step adds `value(...)` to the cross-entropy. What the penalties pull towar
   the network's feature maps and the frozen starting network's, on the same (augmented)
   batch, at the output of every backbone group the step runs, per example (summed over
   positions and channels, averaged over the batch); plus beta/2 ||w_head||^2. It constrains
-  behaviour (what the layers output) rather than weights, and replaces weight decay. The
-  paper's channel-attention weighting is not built: every channel weighs 1 (the paper's
-  "DELTA w/o attention").
+  behaviour (what the layers output) rather than weights, and replaces weight decay. Every
+  channel weighs 1 (the paper's "DELTA w/o attention"), or with `attention` its weight from
+  tlresearch.attention (summing to 1 over a group's channels).
 - `bss` (Chen et al. 2019, batch spectral shrinkage), `(eta, k)`: eta x the sum of the k
   smallest squared singular values of the batch's penultimate features (the backbone's
   pooled output), which the paper finds carry the untransferable, noisy directions. It is
@@ -68,6 +68,11 @@ def needs_teacher(pen: tuple) -> bool:
 
 def needs_source_head(pen: tuple) -> bool:
   return bool(pen) and pen[0] == "lwf"
+
+
+def needs_attention(pen: tuple) -> bool:
+  """DELTA with channel attention: its anchor needs per-channel weights (tlresearch.attention)."""
+  return bool(pen) and pen[0] == "delta" and "attention" in pen[3:]
 
 
 def captured_groups(pen: tuple, groups, start: str) -> tuple[str, ...]:
@@ -145,11 +150,19 @@ def value(pen: tuple, trainable: dict, anchor_values: dict, head: str, features=
         total += 0.5 * alpha * jnp.sum(jnp.square(w - w0))
     return total
   if name == "delta":
-    _, alpha, beta = pen
-    distance = sum(jnp.mean(jnp.sum(jnp.square(features[g] - teacher_features[g]),
-                                    axis=tuple(range(1, features[g].ndim))))
-                   for g in features)
-    return 0.5 * alpha * distance + _head_l2(trainable, head, beta)
+    alpha, beta = pen[1], pen[2]
+    if needs_attention(pen) and "attention" not in anchor_values:
+      raise ValueError("delta with attention needs its channel weights in the anchor "
+                       "(tlresearch.attention; train.fit computes them)")
+    weights = anchor_values.get("attention", {})  # {group: [C]}; none: every channel 1
+
+    def distance(g):
+      sq = jnp.square(features[g] - teacher_features[g])
+      if g in weights:
+        sq = sq * weights[g]  # over the channel (last) axis
+      return jnp.mean(jnp.sum(sq, axis=tuple(range(1, sq.ndim))))
+
+    return 0.5 * alpha * sum(distance(g) for g in features) + _head_l2(trainable, head, beta)
   (g,) = features
   if name == "bss":
     _, eta, k = pen

@@ -200,14 +200,19 @@ def _nonnegative(spec: str, **values) -> None:
       raise UserError(f"strategy '{spec}': {key} must be a number >= 0, got {v}")
 
 
-def delta(groups, alpha: float = 0.01, beta: float = 0.01) -> Strategy:
+def delta(groups, alpha: float = 0.01, beta: float = 0.01, attention: int = 0) -> Strategy:
   """DELTA (Li et al. 2019): everything learns, with alpha/2 x the distance of every backbone
   group's output feature maps to the frozen pretrained network's on the same batch, and
   beta/2 ||w||^2 on the new head, in place of weight decay (tlresearch.penalty): the
-  network may move its weights as long as its features stay close."""
+  network may move its weights as long as its features stay close. `attention=1` weighs
+  each channel by how much the target's loss depends on it (tlresearch.attention; the
+  weights of a group sum to 1)."""
   _nonnegative("delta", alpha=alpha, beta=beta)
-  spec = f"delta:alpha={alpha:g},beta={beta:g}"
-  stage = Stage(((".*", 1.0),), weight_decay=False, penalty=("delta", float(alpha), float(beta)))
+  if attention not in (0, 1):
+    raise UserError(f"strategy 'delta': attention must be 0 or 1, got {attention}")
+  spec = f"delta:alpha={alpha:g},beta={beta:g}" + (",attention=1" if attention else "")
+  pen = ("delta", float(alpha), float(beta)) + (("attention",) if attention else ())
+  stage = Stage(((".*", 1.0),), weight_decay=False, penalty=pen)
   return Strategy(spec, (stage,))
 
 

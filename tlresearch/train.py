@@ -21,7 +21,8 @@ from flax import traverse_util
 import jax
 import numpy as np
 
-from tlresearch import optim, parallel, penalty, probe, programs, timing, weight_space
+from tlresearch import attention, optim, parallel, penalty, probe, programs, timing
+from tlresearch import weight_space
 from tlresearch.checkpoint import CheckpointError
 from tlresearch.data.augment import FILL_MODES, AugmentSpec
 from tlresearch.errors import UserError, choices
@@ -318,6 +319,7 @@ class _Fit:
   def __init__(self, lanes, model, strategy, datas, cfg, keys, indices, ckpt, on_epoch,
                notes):
     self.lanes, self.model, self.strategy, self.cfg = lanes, model, strategy, cfg
+    self.datas = datas
     self.indices, self.ckpt, self.on_epoch = indices, ckpt, on_epoch
     self.seeds = [_Seed(notes=list(notes)) for _ in datas]
     self.data = {s: lanes.stack([getattr(d, s) for d in datas]) for s in SPLITS}
@@ -360,6 +362,12 @@ class _Fit:
         variables = self._solve_probe(stage, variables, splits, live)
         continue
       inputs = lanes.per_seed_inputs(stage_inputs)
+      if penalty.needs_attention(stage.penalty):  # before a restore: its tree has them
+        with timing.phase("probe"):
+          groups = penalty.captured_groups(stage.penalty, self.model.groups, spec.start)
+          weights = lanes.stack([attention.delta_attention(self.model, v, groups, d)
+                                 for v, d in zip(lanes.unstack(variables), self.datas)])
+        inputs = {**inputs, "anchor": {**inputs["anchor"], "attention": weights}}
       if self.augmenting and spec.frozen_prefix:
         for s in live:
           self.seeds[s].note(f"frozen prefix ({', '.join(spec.frozen_prefix)}) not cached: "
