@@ -179,6 +179,14 @@ def _scatter(r: findings.Results, out_dir: str) -> str:
   return path
 
 
+_READING = (
+    "the LogME paper ranks 10 or more ImageNet models whose transfer accuracies differ; here "
+    "7 backbones give wide bootstrap intervals (ranking.md), and on digits most backbones "
+    "fine-tune to within seed noise of each other, so their fine-tuned order cannot be "
+    "measured. ranking.md also has the taus against the probe's accuracies, which spread "
+    "more.")
+
+
 FINDINGS = findings.Findings(
     paper="You, Liu, Wang, Long. LogME: Practical Assessment of Pre-trained Models for Transfer "
           "Learning. ICML 2021. / Nguyen, Hassner, Seeger, Archambeau. LEEP. ICML 2020. / Tran, "
@@ -199,7 +207,7 @@ FINDINGS = findings.Findings(
            "reproduced otherwise. `ranking.md` has every backbone's numbers and the taus "
            "against the probe's accuracy too.",
     claims=tuple(findings.Claim(f"{name} ranks the source backbones by their fine-tuned "
-                                "accuracy (Kendall's tau > 0).", _claim(e))
+                                "accuracy (Kendall's tau > 0).", _claim(e), reading=_READING)
                  for e, name in ESTIMATORS.items()),
     plots=(_table, _scatter),
 )

@@ -220,3 +220,13 @@ def test_check_rejects_frozen_fresh_head_and_bad_values():
   cfg.probes = ["nope"]
   with pytest.raises(UserError, match="unknown probe"):
     cell_lib.check(cfg)
+
+
+@pytest.mark.parametrize("gains, shown", [([0.02, 0.03, 0.01, 0.02, 0.04], False),
+                                          ([-0.02, -0.03, -0.01, -0.02, -0.04], True)])
+def test_a_claims_reading_is_shown_only_while_it_is_not_reproduced(gains, shown):
+  claim = findings.Claim("a beats b", lambda r: findings.better(r, A, B, "a", "b"),
+                         reading="why it fails here")
+  spec = findings.Findings(paper="p", claims=(claim,))
+  text = findings.markdown("x", spec, findings.Results(_finals(gains)), "cmd", [])
+  assert ("Our reading: why it fails here" in text) is shown

@@ -92,6 +92,9 @@ def aggregate(statuses) -> str:
 class Claim:
   text: str                                  # the paper's claim, one sentence
   check: Callable[["Results"], Verdict]      # the rule that tests it on the measured numbers
+  # Why we think the claim does not hold on this benchmark: shown only while the verdict is
+  # not "reproduced", so it never stands beside numbers that reproduce the claim.
+  reading: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +213,8 @@ def markdown(name: str, spec: Findings, r: Results, command: str, plots: list[st
   for i, (claim, v) in enumerate(zip(spec.claims, verdicts), 1):
     out += [f"## Claim {i}: {claim.text}", "", f"Verdict: **{v.status}**", ""]
     out += [f"- {e}" for e in v.evidence] + [""]
+    if claim.reading and v.status != REPRODUCED:
+      out += [f"Our reading: {claim.reading}", ""]
   default = ("Numbers are test-split means over seeds with 95% Student-t intervals; differences "
           "are paired by seed (same data subset, head init and data order), with the two-sided "
           "paired t-test; when a claim rests on several comparisons, their p-values are "
