@@ -249,8 +249,8 @@ def wise_ft(groups, probe: float = 0.5, bn: str = "interpolate") -> Strategy:
   it (as `lp_ft`), then the weights are interpolated, theta(a) = (1 - a) theta_probe +
   a theta_fine_tuned, over a = 0, 0.1, ..., 1, with a chosen on validation
   (tlresearch.weight_space); BatchNorm statistics `bn=interpolate`d like the weights or
-  `recompute`d on the training split at each point. theta_probe, the pretrained backbone with the probe's head, plays
-  the zero-shot model's part: it is the fine-tuning's starting point."""
+  `recompute`d on the training split at each point. theta_probe, the pretrained backbone
+  with the probe's head, plays the zero-shot model's part: it is the fine-tuning's start."""
   base = lp_ft(groups, probe)
   if bn not in WISE_FT_BN:
     raise UserError(f"strategy 'wise_ft': bn must be one of {choices(WISE_FT_BN)}, got '{bn}'")
