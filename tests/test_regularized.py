@@ -1,4 +1,7 @@
-"""Invariants of regularised fine-tuning (DELTA, BSS, LwF) and of WiSE-FT."""
+"""Invariants of regularised fine-tuning (DELTA, BSS, LwF), WiSE-FT and model soups.
+
+The bitwise resumes, the trained comparisons with `full` and the second BatchNorm mode are in
+the slow group (each trains several tiny fits), for the default run's time."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +77,8 @@ def test_bad_penalty_options_are_one_line_errors(spec):
 
 # ---------------------------------------------------------------- DELTA
 
-@pytest.mark.parametrize("bn_stats", ["update", "frozen"])
+@pytest.mark.parametrize("bn_stats", ["update",
+                                      pytest.param("frozen", marks=pytest.mark.slow)])
 def test_delta_is_zero_at_the_start(dataset, bn_stats):
   # The frozen starting network runs its BatchNorm in the trained network's mode (batch
   # statistics under "update"), so at the first step the two are one network.
@@ -98,6 +102,7 @@ def test_delta_value_and_gradient_pull_features_toward_the_teacher():
   np.testing.assert_allclose(step, -0.5 * (f["stage1"] - t["stage1"]) / 2)  # toward t
 
 
+@pytest.mark.slow
 def test_delta_keeps_the_features_nearer_the_pretrained_ones_than_full(dataset):
   model, variables, _ = _setup()
   # Inference-mode BatchNorm, so that the features compared here are the ones the penalty sees.
@@ -141,6 +146,7 @@ def test_bss_shrinks_the_smallest_singular_direction():
   assert largest(f2) == pytest.approx(largest(f), rel=1e-3)  # the top direction is left alone
 
 
+@pytest.mark.slow
 def test_bss_with_eta_zero_trains_as_full(dataset):
   model, variables, _ = _setup()
   cfg = _no_es(epochs=2)
@@ -153,7 +159,8 @@ def test_bss_with_eta_zero_trains_as_full(dataset):
 
 # ---------------------------------------------------------------- LwF
 
-@pytest.mark.parametrize("bn_stats", ["update", "frozen"])
+@pytest.mark.parametrize("bn_stats", ["update",
+                                      pytest.param("frozen", marks=pytest.mark.slow)])
 def test_lwf_is_zero_while_the_network_predicts_the_source_task_as_before(dataset, bn_stats):
   model, variables, source_head = _setup()
   variables = {**variables, penalty.SOURCE_HEAD: source_head}
@@ -169,12 +176,14 @@ def test_lwf_value_is_the_kl_of_softened_source_predictions():
   t = {"stage3": jnp.array([[0.0, 1.0], [1.0, 1.0]])}
   temperature, lam = 2.0, 0.7
   soft = lambda z: np.exp(z / temperature) / np.exp(z / temperature).sum(-1, keepdims=True)  # noqa
-  p, q = soft(np.asarray(t["stage3"]) @ head["kernel"]), soft(np.asarray(f["stage3"]) @ head["kernel"])
+  kernel = np.asarray(head["kernel"])
+  p, q = soft(np.asarray(t["stage3"]) @ kernel), soft(np.asarray(f["stage3"]) @ kernel)
   expected = lam * np.mean(np.sum(p * np.log(p / q), -1))
   got = penalty.value(("lwf", lam, temperature), {}, {penalty.SOURCE_HEAD: head}, "head", f, t)
   assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_lwf_keeps_the_source_predictions_nearer_than_full(dataset):
   model, variables, source_head = _setup()
   cfg = _no_es(epochs=3, lr=0.2, bn_stats="frozen")
@@ -225,6 +234,7 @@ def test_wise_ft_choice_breaks_ties_by_loss_then_larger_alpha():
   assert weight_space.ALPHAS[weight_space.choose(acc, loss)] == 0.3
 
 
+@pytest.mark.slow
 def test_interrupted_wise_ft_and_delta_resume_to_the_same_result(dataset, tmp_path):
   model, variables, _ = _setup()
   cfg = _no_es(epochs=4)
@@ -307,6 +317,7 @@ def test_greedy_soup_is_no_worse_on_validation_than_its_best_ingredient(dataset)
   assert 0 <= record["uniform"]["test_accuracy"] <= 1
 
 
+@pytest.mark.slow
 def test_interrupted_soup_resumes_to_the_same_result(dataset, tmp_path):
   model, variables, _ = _setup()
   cfg = _no_es(epochs=2)
@@ -328,6 +339,7 @@ def test_interrupted_soup_resumes_to_the_same_result(dataset, tmp_path):
   assert resumed.test == whole.test and resumed.weight_space == whole.weight_space
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["lwf:lam=0,temperature=2", "delta:alpha=0,beta=0"])
 def test_a_zero_strength_penalty_trains_as_its_base(dataset, spec):
   # The extra forward pass of the frozen starting network changes nothing but the penalty.
@@ -394,6 +406,7 @@ def test_delta_attention_weighs_each_channel_of_the_distance():
     penalty.value(pen, {}, {}, "head", f, t)
 
 
+@pytest.mark.slow
 def test_delta_with_attention_trains_and_resumes_bitwise(dataset, tmp_path):
   model, variables, _ = _setup()
   cfg = _no_es(epochs=3, weight_decay=0.0)

@@ -151,6 +151,7 @@ def _without_command(findings_md: str) -> str:
   return "\n".join(l for l in findings_md.splitlines() if not l.startswith("python -m"))
 
 
+@pytest.mark.slow  # two sharded sweeps with selection and a merge: ~17 s
 def test_two_tasks_and_merge_equal_one_process_with_selection(tmp_path, cache, monkeypatch,
                                                               capsys):
   extra = ("--config.grid=[{'strategy': ['linear_probe', 'full']}]",
