@@ -172,10 +172,7 @@ def _scatter(r: findings.Results, out_dir: str) -> str:
         ax.set_ylabel("fine-tuned test accuracy (%)", fontsize=7)
   fig.tight_layout()
   path = os.path.join(out_dir, "scores_vs_accuracy.png")
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  report.save_figure(fig, path)
   return path
 
 

@@ -50,13 +50,7 @@ import jax.numpy as jnp
 from tlresearch.models.heads import pool
 from tlresearch.strategies import FROZEN
 
-# name -> (what its numbers are, what the step must compute for it)
-PENALTIES = {
-    "l2_sp": ("alpha", "beta"),
-    "delta": ("alpha", "beta"),
-    "bss": ("eta", "k"),
-    "lwf": ("lam", "temperature"),
-}
+PENALTIES = ("l2_sp", "delta", "bss", "lwf")
 # Penalties that compare the network with its frozen starting point on each batch.
 _TEACHER = ("delta", "lwf")
 SOURCE_HEAD = "source_head"  # the extra variables collection `lwf` reads (cell.py adds it)
