@@ -244,6 +244,22 @@ def test_predict_exits_1_when_no_image_is_readable(exported, images, capsys):
   assert "skipped: " in err and err.splitlines()[-1].startswith("0 images, 2 skipped")
 
 
+def test_predict_walks_a_folder_as_training_does_each_file_once(tmp_path):
+  root, outside = tmp_path / "photos", tmp_path / "outside"
+  (root / "a").mkdir(parents=True)
+  outside.mkdir()
+  for path in (root / "a" / "x.png", outside / "y.png"):
+    path.write_bytes(b"not read here")
+  os.link(root / "a" / "x.png", root / "a" / "x_again.png")  # a hard link: one file
+  os.symlink("..", root / "a" / "loop")                     # a loop back into the folder
+  os.symlink(outside, root / "a" / "out")                    # a link out of it: followed
+  notes = []
+  files = predict.image_files([str(root)], notes)
+  assert files == [str(root / "a" / "out" / "y.png"), str(root / "a" / "x.png")]
+  assert len(notes) == 2 and any("loop" in n for n in notes)
+  assert any("x_again.png (the same file" in n for n in notes)
+
+
 def test_model_card_round_trip(rec, kept):
   card = recognizer.read_card(kept)
   assert card == _card() | {"created": card["created"]}

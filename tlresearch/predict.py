@@ -91,18 +91,21 @@ def _load_jax_export(path: str) -> Model:
   return Model(path, "jax export", names, size, jax.jit(exported.call), decode)
 
 
-def image_files(paths) -> list[str]:
-  """The files `paths` name: files as given, folders walked recursively in sorted order
-  without hidden files and folders (as training walks a class folder). UserError for a
-  path that does not exist."""
+def image_files(paths, notes: list | None = None) -> list[str]:
+  """The files `paths` name: files as given, folders walked as training walks a dataset
+  folder (`folder.Walk`: sorted, hidden names ignored, each file once however many links
+  reach it, a link back into the folder read where it points, links out of it followed).
+  What the walk did not read is appended to `notes`. UserError for a path that does not
+  exist."""
   out = []
   for p in paths:
     if os.path.isfile(p):
       out.append(p)
     elif os.path.isdir(p):
-      for root, dirs, files in os.walk(p, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+      walk = folder.Walk(p, follow_external=True)
+      out += walk.files(p)
+      if notes is not None:
+        notes += walk.links
     else:
       raise UserError(f"no such file or folder: {p}")
   return out
@@ -241,7 +244,10 @@ def main(argv: list[str]) -> int:
   if "out" in flags and os.path.isdir(flags["out"]):
     raise UserError(f"--out {flags['out']} is a folder; give a file name (e.g. predictions.csv)")
   model = load(flags["model"])
-  files = image_files(paths)
+  notes = []
+  files = image_files(paths, notes)
+  for note in notes:
+    print(f"not read: {note}", file=sys.stderr)
   compile_s = warm_up(model, len(files), batch_size)
   results, skipped = [], []
   t0 = time.perf_counter()
