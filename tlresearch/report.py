@@ -122,8 +122,7 @@ def _cell_text(values, m: Metric) -> str:
 
 
 def _params(finals, row_axes, key, col) -> str:
-  counts = {f["trainable_params"] for f in finals
-            if tuple(f["axes"][a] for a in row_axes) == key and f["axes"]["target"] == col}
+  counts = {f["trainable_params"] for f in _row_finals(finals, row_axes, key, col)}
   return "/".join(f"{c:,}" for c in sorted(counts))
 
 
