@@ -76,6 +76,22 @@ def _default_cell(strategy: str = "linear_probe"):
   raise LookupError(strategy)
 
 
+def pretrained_model(cfg):
+  """(dataset, model, pretrained variables, model variables) of a cell config: its target's
+  data, the model with the source backbone merged in and a fresh head (key 0)."""
+  import jax
+  from tlresearch import data as data_lib
+  from tlresearch import models, pretrain, programs
+  ds = data_lib.load_for(cfg)
+  model = models.build(cfg.model, ds.num_classes)
+  pretrained = pretrain.get_or_build(pretrain.for_model(cfg.pretrain, cfg.model),
+                                     cfg.cache_dir or None)[0]
+  variables = models.merge_pretrained(
+      programs.init_variables(model, jax.random.key(0), ds.train_x.shape[1:]),
+      pretrained, (model.groups[-1],))
+  return ds, model, pretrained, variables
+
+
 def _block(tree):
   import jax
   return jax.block_until_ready(tree)
@@ -305,18 +321,11 @@ def baseline_main(argv: list[str]) -> None:
 
 def measure(skip_sweep: bool = False, baseline: bool = False) -> dict:
   import jax
-  from tlresearch import data as data_lib
-  from tlresearch import models, pretrain, programs, sweep
+  from tlresearch import sweep
   sweep.enable_compile_cache(None)
   cell = _default_cell("linear_probe")
   cfg = cell.config
-  ds = data_lib.load_for(cfg)
-  model = models.build(cfg.model, ds.num_classes)
-  pretrained = pretrain.get_or_build(pretrain.for_model(cfg.pretrain, cfg.model),
-                                     cfg.cache_dir or None)[0]
-  variables = models.merge_pretrained(
-      programs.init_variables(model, jax.random.key(0), ds.train_x.shape[1:]),
-      pretrained, (model.groups[-1],))
+  ds, model, pretrained, variables = pretrained_model(cfg)
   out = {"device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
          "jax": jax.__version__, "train_examples": int(len(ds.train_x)),
          "batch_size": int(min(cfg.train.batch_size, len(ds.train_x)))}

@@ -80,18 +80,11 @@ def _rate_worker(target: str) -> None:
   import time
   import jax
   import jax.numpy as jnp
-  from tlresearch import bench, models, pretrain, programs
-  from tlresearch import data as data_lib
+  from tlresearch import bench, programs
   cfg = bench._default_cell("full").config
   with cfg.unlocked():
     cfg.target = target
-  ds = data_lib.load_for(cfg)
-  model = models.build(cfg.model, ds.num_classes)
-  pre = pretrain.get_or_build(pretrain.for_model(cfg.pretrain, cfg.model),
-                              cfg.cache_dir or None)[0]
-  variables = models.merge_pretrained(
-      programs.init_variables(model, jax.random.key(0), ds.train_x.shape[1:]), pre,
-      (model.groups[-1],))
+  ds, model, _, variables = bench.pretrained_model(cfg)
   bench._images_per_s(model, variables, "full", ds, cfg.train, cached=False, epochs=1)
   train = max(bench._images_per_s(model, variables, "full", ds, cfg.train, cached=False,
                                   epochs=10) for _ in range(2))
@@ -114,8 +107,10 @@ def _rates(target: str, cores: list) -> dict:
     env = dict(os.environ)
     if core is not None:
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD).strip()
-    cpu = None if core is None else sorted(os.sched_getaffinity(0))[core]
-    pin = (lambda c=cpu: os.sched_setaffinity(0, {c})) if core is not None else None
+    pin = None
+    if core is not None:
+      cpu = sorted(os.sched_getaffinity(0))[core]
+      pin = lambda c=cpu: os.sched_setaffinity(0, {c})  # noqa: E731 - run in the child
     procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, preexec_fn=pin,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   each = []
