@@ -4,14 +4,14 @@ Target `glyphs_new_classes` (12 Greek letters the source never saw; 100 training
 class), k in {1, 5, 10, 25, 100} examples per class drawn by the seed (a smaller k is a
 subset of a larger one under the same seed). A k-shot training set of one batch gets one
 step per epoch, so the budget is raised to at least `train.min_steps` = 60 optimizer steps
-(tlresearch.optim.epoch_budget). lr selected per strategy and k on the validation split
+(tlresearch.methods.optim.epoch_budget). lr selected per strategy and k on the validation split
 (which keeps its 25 images per class at every k: a real few-shot task would not have them;
 this measures the strategies at their best lr, not a deployable few-shot protocol).
 """
 import ml_collections
 
 from experiments import _common
-from tlresearch import findings, report
+from tlresearch.analysis import findings, report
 
 KS = (1, 5, 10, 25, 100)
 STRATEGIES = ("linear_probe", "partial:k=1", "full", "scratch")

@@ -4,7 +4,7 @@ Dropout acts on the pooled features before the classifier (`model.dropout_rate`)
 `glyphs_input_shift` and `digits`, 20 examples per class; lr selected per strategy, dropout
 rate and target on the validation split (a higher dropout rate may want a different lr);
 5 paired seeds. The probe here is the SGD probe (`train.probe_solver = "sgd"`) at every rate:
-dropout makes its objective stochastic, so the converged probe (tlresearch.probe) cannot run
+dropout makes its objective stochastic, so the converged probe (tlresearch.methods.probe) cannot run
 it, and comparing an SGD probe with dropout against a solved one without would measure the
 solver, not dropout. The reference row of the paired table is `full` without dropout; the claim
 rules compare each strategy with its own no-dropout row.
@@ -12,7 +12,7 @@ rules compare each strategy with its own no-dropout row.
 import ml_collections
 
 from experiments import _common
-from tlresearch import findings, report
+from tlresearch.analysis import findings, report
 
 RATES = (0.0, 0.2, 0.5, 0.8)
 STRATEGIES = ("linear_probe", "full")

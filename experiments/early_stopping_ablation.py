@@ -12,7 +12,7 @@ stop.
 import ml_collections
 
 from experiments import _common
-from tlresearch import findings, report
+from tlresearch.analysis import findings, report
 
 PATIENCE = (2, 5, 10)
 STRATEGIES = ("linear_probe", "full")

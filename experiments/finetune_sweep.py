@@ -3,9 +3,9 @@
 Protocol (the fair one, so that a row measures the strategy and not a shared setting):
 - every configuration (row x target) gets its own learning rate, chosen on the validation
   split from {0.01, 0.03, 0.1} (widened past an edge when the winner sits there; see
-  tlresearch.selection) under a selection seed (100) that is none of the final seeds;
+  tlresearch.experiment.selection) under a selection seed (100) that is none of the final seeds;
 - the linear probe is solved to convergence (L-BFGS) with its L2 strength chosen on
-  validation per seed (tlresearch.probe), the literature's probe protocol;
+  validation per seed (tlresearch.methods.probe), the literature's probe protocol;
 - 5 paired seeds (same k-shot subset, head init, data order and dropout masks for every
   strategy under a seed), 95% t intervals, paired differences to `full`.
 

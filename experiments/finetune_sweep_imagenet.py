@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = _common.train(epochs=20, batch_size=32, lr=0.01)
   c.train.augment.horizontal_flip = True  # flowers (unlike glyphs) are mirror-symmetric
   c.selection.enabled = False  # one shared lr (each cell is costly at 224 px)
-  # The base probe is solved to convergence (tlresearch.probe); with dropout or augmentation
+  # The base probe is solved to convergence (tlresearch.methods.probe); with dropout or augmentation
   # its objective is stochastic, so those two probe rows train by SGD at the shared lr.
   c.grid = [                   # blocks of axes, each crossed with targets x seeds
       {"strategy": STRATEGIES + ["scratch"]},

@@ -23,7 +23,7 @@ Where this differs from the guide, and why:
 - No early stopping (the guide trains its epochs), as `train.early_stopping.enabled=False`.
 Each cell's per-class report (scikit-learn's `classification_report`) is printed as it
 finishes and written to classification_reports.md; the best model per target is kept
-(`save_model="best"`) for `tlresearch.export` and `tlresearch.predict`.
+(`save_model="best"`) for `tlresearch.deploy.export` and `tlresearch.deploy.predict`.
 
 Needs a folder (`train/<class>/*.jpg`, optional `validation/`, `test/`; Keras's
 `cats_and_dogs_filtered` has this layout) and the ImageNet weights once (README, "ImageNet
@@ -32,7 +32,7 @@ backbones and real data"):
 
 CPU smoke run (docs/deploy.md), on a folder generated from the digits dataset and the
 project's offline ResNet-8 (pretrained on the glyph source task) at 32 px in place of VGG16:
-  python -m tlresearch.data.to_folder --dataset=digits --out=/tmp/digits_folder --per_class=20
+  python -m tlresearch.tools.to_folder --dataset=digits --out=/tmp/digits_folder --per_class=20
   python -m tlresearch.run --experiment=keras_recipe \
     --config.targets="['folder:/tmp/digits_folder']" --config.model.family=resnet \
     --config.model.pretrained= --config.model.width=16 --config.model.input_size=32 \

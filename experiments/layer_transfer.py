@@ -26,7 +26,7 @@ at large n (which needs a well-trained upper network) cannot appear. `--config.k
 import ml_collections
 
 from experiments import _common
-from tlresearch import findings, report
+from tlresearch.analysis import findings, report
 
 N = (1, 2, 3, 4)
 

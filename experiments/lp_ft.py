@@ -13,7 +13,7 @@ handwritten digits). Protocol: lr and weight decay selected per strategy and tar
 import ml_collections
 
 from experiments import _common
-from tlresearch import findings, report
+from tlresearch.analysis import findings, report
 
 TARGETS = ("glyphs_feature_shift", "digits")
 STRATEGIES = ("linear_probe", "full", "lp_ft:probe=0.5")

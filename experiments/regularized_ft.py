@@ -1,7 +1,7 @@
 """Regularised fine-tuning and weight-space ensembling, as the transfer-learning libraries
 benchmark them (a miniature of their tables).
 
-Rows (tlresearch.strategies, tlresearch.penalty, tlresearch.weight_space):
+Rows (tlresearch.methods.strategies, tlresearch.methods.penalty, tlresearch.training.weight_space):
 - `full`: standard fine-tuning with weight decay (the reference);
 - `l2_sp` (Li et al. 2018): weight decay replaced by a pull toward the pretrained weights;
 - `delta` (Li et al. 2019): a pull of every backbone group's feature maps toward the frozen
@@ -30,7 +30,8 @@ training or selection, where WiSE-FT's claim is made.
 import ml_collections
 
 from experiments import _common
-from tlresearch import findings, report, weight_space
+from tlresearch.analysis import findings, report
+from tlresearch.training import weight_space
 
 TARGETS = ("glyphs_input_shift", "digits")
 FULL, L2_SP, DELTA, BSS, LWF = ("full", "l2_sp:alpha=0.01,beta=0.01",

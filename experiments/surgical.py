@@ -9,13 +9,13 @@ Targets, one per kind of shift:
 - feature level, `glyphs_feature_shift` (13 held-out fonts);
 - output level, `glyphs_output_shift` (the source images with permuted labels).
 Protocol: as in the paper, the learning rate is selected per method and target on the
-validation split (tlresearch.selection); 5 paired seeds report on test. The table's paired
+validation split (tlresearch.experiment.selection); 5 paired seeds report on test. The table's paired
 section is relative to full fine-tuning.
 """
 import ml_collections
 
 from experiments import _common
-from tlresearch import findings, report
+from tlresearch.analysis import findings, report
 
 GROUPS = ("stem", "stage1", "stage2", "stage3")
 TARGETS = {"input": "glyphs_input_shift", "feature": "glyphs_feature_shift",

@@ -6,7 +6,7 @@ Source backbones (each pretrained once and cached, like the default one): the gl
 with all its classes; each half of its classes (`A`, `B`); the same source trained 2 epochs
 instead of 12; the same with augmentation; a narrower network (width 8); and random init. On
 each target every backbone is scored by each estimator from its outputs on the target's
-training split, before any training (the `transferability` probe, tlresearch.probes), and is
+training split, before any training (the `transferability` probe, tlresearch.analysis.probes), and is
 transferred twice: a converged linear probe and full fine-tuning with the lr selected on
 validation (random init: `random_features:n=4`, a probe on frozen random features, and
 `scratch`). LEEP and NCE need the source head's predictions, which random init does not have.
@@ -14,7 +14,7 @@ validation (random init: `random_features:n=4`, a probe on frozen random feature
 The score of a backbone on a target is its mean over the 5 paired seeds (each seed draws its
 own 20-per-class training subset); so is its accuracy. Rank agreement across the backbones,
 per target: Kendall's tau (and the weighted tau the LogME paper reports), with a percentile
-bootstrap interval over backbones (tlresearch.transferability.bootstrap_tau), wide with 7
+bootstrap interval over backbones (tlresearch.analysis.transferability.bootstrap_tau), wide with 7
 backbones.
 """
 from __future__ import annotations
@@ -26,8 +26,9 @@ import ml_collections
 import numpy as np
 
 from experiments import _common
-from tlresearch import findings, io, report
-from tlresearch import transferability as tr
+from tlresearch.analysis import findings, report
+from tlresearch.core import io
+from tlresearch.analysis import transferability as tr
 
 TARGETS = ("glyphs_input_shift", "digits")
 # label -> (the grid axes that make the backbone, its probe row, its fine-tuned row)
@@ -199,7 +200,7 @@ FINDINGS = findings.Findings(
            "accuracy). Kendall's tau (tau-b) across the backbones, its 95% percentile "
            "bootstrap interval over backbones (2,000 resamples, seed 0; resamples whose "
            "scores or accuracies are all tied are skipped) and the weighted tau the LogME "
-           "paper reports: `tlresearch/transferability.py`. A claim is reproduced when the "
+           "paper reports: `tlresearch/analysis/transferability.py`. A claim is reproduced when the "
            "interval lies above 0 on both targets, partly when tau > 0 on at least one, not "
            "reproduced otherwise. `ranking.md` has every backbone's numbers and the taus "
            "against the probe's accuracy too.",

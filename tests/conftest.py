@@ -35,7 +35,7 @@ def tiny_train_cfg(**kw) -> ml_collections.ConfigDict:
 
 def fit_one(model, variables, strategy, data, cfg, keys, checkpointer=None, on_epoch=None):
   """`train.fit` for one seed: its FitResult. `on_epoch(record, state)`."""
-  from tlresearch import train
+  from tlresearch.training import train
   return train.fit(model, [variables], strategy, [data], cfg, [keys],
                    checkpointer=None if checkpointer is None else (lambda _: checkpointer),
                    on_epoch=None if on_epoch is None else (lambda _, r, s: on_epoch(r, s)))[0]

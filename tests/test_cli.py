@@ -9,7 +9,7 @@ import sys
 import pytest
 import tensorflow_datasets as tfds
 
-from tlresearch import run
+from tlresearch.experiment import cli as run
 
 
 def _cli(*args, cwd=None):
@@ -34,7 +34,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
 
 
 def test_bench_bad_flag_exits_2_with_one_line():
-  r = subprocess.run([sys.executable, "-m", "tlresearch.bench", "--fast"], capture_output=True,
+  r = subprocess.run([sys.executable, "-m", "tlresearch.tools.bench", "--fast"], capture_output=True,
                      text=True, timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip() == ("error: unknown argument '--fast'; valid: --baseline, --skip_sweep")
@@ -155,7 +155,7 @@ class NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
   def create_module(self, spec):
     raise ImportError('tensorflow imported')
 sys.meta_path.insert(0, NoTensorFlow())
-from tlresearch import run
+from tlresearch.experiment import cli as run
 code = run.main(sys.argv[1:])
 assert 'tensorflow' not in sys.modules, 'tensorflow imported'
 sys.exit(code)
@@ -180,7 +180,7 @@ def test_sweep_builds_and_reads_its_datasets_without_tensorflow(tmp_path):
 @pytest.mark.slow
 def test_device_check_runs_green_on_the_cpu(tmp_path):
   out = tmp_path / "check.json"
-  r = subprocess.run([sys.executable, "-m", "tlresearch.device_check", f"--out={out}", "--quick",
+  r = subprocess.run([sys.executable, "-m", "tlresearch.tools.device_check", f"--out={out}", "--quick",
                       "--skip_sweep"], capture_output=True, text=True, timeout=900,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stderr[-3000:]
@@ -199,7 +199,7 @@ def test_device_check_bad_arguments_exit_2_with_one_line(tmp_path):
   for args, message in ([[], "--out=FILE.json is required"],
                         [["--out=x.json", "--fast"], "unknown argument '--fast'"],
                         [[f"--out={tmp_path}/no/such/x.json"], "does not exist"]):
-    r = subprocess.run([sys.executable, "-m", "tlresearch.device_check", *args],
+    r = subprocess.run([sys.executable, "-m", "tlresearch.tools.device_check", *args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -8,9 +8,9 @@ import tensorflow_datasets as tfds
 
 from tlresearch.data import DATASETS, Dataset, default_data_dir, load
 from tlresearch.data.builders import digits, glyphs
-from tlresearch.errors import UserError
+from tlresearch.core.errors import UserError
 
-load_module = importlib.import_module("tlresearch.data.load")  # the package exports `load`
+load_module = importlib.import_module("tlresearch.data.loader")  # the package exports `load`
 
 
 @pytest.fixture(scope="module")

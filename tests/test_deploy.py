@@ -14,9 +14,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import tiny_model_cfg
-from tlresearch import checkpoint, export, models, predict, recognizer
+from tlresearch.training import checkpoint
+from tlresearch.deploy import export, predict, recognizer
+from tlresearch import models
 from tlresearch.data import folder
-from tlresearch.errors import UserError
+from tlresearch.core.errors import UserError
 
 SIZE, CLASSES = 16, ("cat", "dog", "eel")
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
@@ -220,7 +222,7 @@ def test_predict_labels_files_as_training_read_them(rec, kept, exported, images)
 def test_predict_command_prints_reports_and_writes_csv(exported, images, tmp_path):
   good, bad = images
   out = tmp_path / "predictions.csv"
-  r = subprocess.run([sys.executable, "-m", "tlresearch.predict", f"--model={exported}",
+  r = subprocess.run([sys.executable, "-m", "tlresearch.deploy.predict", f"--model={exported}",
                       "--top_k=2", f"--out={out}", os.path.dirname(good[0])],
                      capture_output=True, text=True, timeout=120, cwd=ROOT)
   assert r.returncode == 0, r.stderr
@@ -313,7 +315,7 @@ def test_probabilities_come_in_chunks_of_one_compiled_shape(rec):
 ])
 def test_bad_input_exits_2_with_one_line(kept, tmp_path, command, args, message):
   args = [a.format(tmp=tmp_path, kept=kept) for a in args]
-  r = subprocess.run([sys.executable, "-m", f"tlresearch.{command}", *args],
+  r = subprocess.run([sys.executable, "-m", f"tlresearch.deploy.{command}", *args],
                      capture_output=True, text=True, timeout=120, cwd=ROOT)
   assert r.returncode == 2, r.stderr
   assert r.stderr.startswith("error: ") and message in r.stderr

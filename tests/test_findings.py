@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 
 from experiments import _common
-from tlresearch import cell as cell_lib
-from tlresearch import findings, grid, selection
-from tlresearch.errors import UserError
+from tlresearch.experiment import cell as cell_lib
+from tlresearch.analysis import findings
+from tlresearch.experiment import grid, selection
+from tlresearch.core.errors import UserError
 
 
 def _finals(gains, strategy="a", ref="b", base=0.7, spread=0.05, metric="test_accuracy"):

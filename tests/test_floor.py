@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from tlresearch import floor
-from tlresearch.errors import UserError
+from tlresearch.tools import floor
+from tlresearch.core.errors import UserError
 
 
 def _final(target, n, epochs, trainable, total=100):
@@ -43,6 +43,6 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
   (tmp_path / "c").mkdir()
   (tmp_path / "c" / "final.json").write_text(json.dumps(_final("a", 1, 1, 1)))
   assert floor._parse([f"--workdir={tmp_path}"])["target"] == "glyphs_input_shift"
-  r = subprocess.run([sys.executable, "-m", "tlresearch.floor"], capture_output=True, text=True)
+  r = subprocess.run([sys.executable, "-m", "tlresearch.tools.floor"], capture_output=True, text=True)
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
   assert "--workdir=W is required" in r.stderr

@@ -7,8 +7,11 @@ import numpy as np
 import pytest
 
 from experiments import _common
-from tlresearch import cell, models, strategies, train
-from tlresearch.errors import UserError
+from tlresearch.experiment import cell
+from tlresearch import models
+from tlresearch.methods import strategies
+from tlresearch.training import train
+from tlresearch.core.errors import UserError
 from tlresearch.models.heads import Head
 from tests.conftest import tiny_model_cfg
 

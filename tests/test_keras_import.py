@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from experiments import _common
-from tlresearch import models, strategies
+from tlresearch import models
+from tlresearch.methods import strategies
 from tlresearch.data import preprocess
-from tlresearch.errors import UserError
+from tlresearch.core.errors import UserError
 
 keras = pytest.importorskip("keras")
 
@@ -149,7 +150,7 @@ def test_keras_weights_file_loads_through_keras(tmp_path):
 
 
 def test_default_paths_do_not_import_keras(tmp_path):
-  code = ("import sys\nfrom tlresearch import run, sweep\nrun.main(['--list'])\n"
+  code = ("import sys\nfrom tlresearch.experiment import cli as run, sweep\nrun.main(['--list'])\n"
           "assert 'keras' not in sys.modules, 'keras imported'\n"
           "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
           "assert 'tlresearch.models.keras_import' not in sys.modules\n")

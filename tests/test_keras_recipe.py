@@ -11,7 +11,11 @@ import pytest
 from sklearn import metrics as skm
 
 from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
-from tlresearch import models, optim, programs, recognizer, report, strategies, train
+from tlresearch import models
+from tlresearch.methods import optim, strategies
+from tlresearch.training import programs, train
+from tlresearch.deploy import recognizer
+from tlresearch.analysis import report
 from tlresearch.data import augment as augment_lib
 from tlresearch.data import preprocess
 
@@ -105,7 +109,7 @@ def test_the_documented_smoke_override_runs_the_recipe_on_a_folder(tmp_path):
   backbone pretrained on mocked glyphs, 1 epoch): table, per-class reports, a kept model."""
   import tensorflow_datasets as tfds
   from tests.test_keep import _folder
-  from tlresearch import run
+  from tlresearch.experiment import cli as run
   root = _folder(tmp_path / "imgs")
   args = ["--experiment=keras_recipe", f"--workdir={tmp_path / 'work'}",
           f"--results_dir={tmp_path / 'results'}", "--no_progress",

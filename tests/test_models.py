@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlresearch import models, stats
+from tlresearch import models
+from tlresearch.analysis import stats
 from tests.conftest import tiny_model_cfg
 
 
@@ -57,7 +58,7 @@ def test_mean_ci_is_a_t_interval():
 
 
 def test_compiled_init_is_bitwise_the_eager_init():
-  from tlresearch import programs
+  from tlresearch.training import programs
   model = models.build(tiny_model_cfg(dropout_rate=0.5), 7)
   key = jax.random.fold_in(jax.random.key(3), 0)
   eager = model.init(key, jnp.zeros((1, 16, 16, 3), jnp.float32))

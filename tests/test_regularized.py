@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch import checkpoint, models, penalty, programs, strategies, train, weight_space
-from tlresearch.errors import UserError
+from tlresearch.training import checkpoint, programs, train, weight_space
+from tlresearch import models
+from tlresearch.methods import penalty, strategies
+from tlresearch.core.errors import UserError
 from tests.conftest import fit_one, tiny_model_cfg, tiny_train_cfg
 
 SOURCE_CLASSES = 6
@@ -371,7 +373,7 @@ def test_wise_ft_with_recomputed_statistics_picks_its_best_validation_point(data
 # ---------------------------------------------------------------- DELTA's channel attention
 
 def test_channel_weights_follow_the_loss_increase_and_sum_to_one():
-  from tlresearch import attention
+  from tlresearch.training import attention
   w = attention.channel_weights([1.0, 1.5, 3.0, 1.0], base=1.0)
   assert w.sum() == pytest.approx(1.0, abs=1e-6)
   assert np.argmax(w) == 2 and w[0] == pytest.approx(w[3]) and w[1] > w[0]
@@ -380,7 +382,7 @@ def test_channel_weights_follow_the_loss_increase_and_sum_to_one():
 
 def test_zeroed_channel_losses_match_a_direct_computation(dataset):
   import optax
-  from tlresearch import attention
+  from tlresearch.training import attention
   model, variables, _ = _setup()
   x = programs.prefix_outputs(model, variables, jnp.asarray(dataset.train_x), "stage1")
   y = jnp.asarray(dataset.train_y)

@@ -15,7 +15,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tlresearch import checkpoint, io, models, pretrain, run, strategies, train
+from tlresearch.training import checkpoint, pretrain, train
+from tlresearch.core import io
+from tlresearch import models
+from tlresearch.experiment import cli as run
+from tlresearch.methods import strategies
 from tests.conftest import fit_one, tiny_model_cfg, tiny_train_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +44,7 @@ def _runner(tmp_path) -> str:
   path.write_text(textwrap.dedent("""
       import sys
       import tensorflow_datasets as tfds
-      from tlresearch import run
+      from tlresearch.experiment import cli as run
       with tfds.testing.mock_data(num_examples=24):
         sys.argv = ["tlresearch.run", *sys.argv[1:]]
         run.cli()
@@ -299,7 +303,7 @@ def test_two_sweeps_side_by_side_with_different_workdirs(tmp_path):
 def test_a_killed_lock_holder_leaves_no_stale_lock(tmp_path):
   holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
       import sys, time
-      from tlresearch import io
+      from tlresearch.core import io
       assert io.directory_lock({str(tmp_path)!r}).acquire()
       print("locked", flush=True)
       time.sleep(600)
@@ -312,7 +316,7 @@ def test_a_killed_lock_holder_leaves_no_stale_lock(tmp_path):
 
 
 def test_results_folder_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
-  from tlresearch import report
+  from tlresearch.analysis import report
   finals = [{"cell_id": f"c{s}", "axes": {"strategy": "full", "target": "t", "seed": s},
              "status": "ok", "test_accuracy": 0.5 + s / 10, "test_macro_f1": 0.4,
              "best_epoch": 1, "epochs_run": 1, "trainable_params": 10} for s in range(3)]

@@ -1,7 +1,7 @@
 import csv
 import io
 
-from tlresearch import report
+from tlresearch.analysis import report
 
 
 def _finals():

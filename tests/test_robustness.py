@@ -16,10 +16,11 @@ from PIL import Image
 
 from tests.test_keep import _config as _folder_sweep_config
 from tests.test_keep import _folder
-from tlresearch import io, run, sweep
+from tlresearch.core import io
+from tlresearch.experiment import cli as run, sweep
 from tlresearch import data as data_lib
 from tlresearch.data import folder
-from tlresearch.errors import UserError
+from tlresearch.core.errors import UserError
 
 
 def _png(path, value, size=(6, 6)):
@@ -189,7 +190,7 @@ def test_folders_that_cannot_be_written_fail_before_training(tmp_path, monkeypat
 
 
 def folder_manifest():
-  from tlresearch import report
+  from tlresearch.analysis import report
   return report.MANIFEST
 
 
@@ -272,7 +273,7 @@ def test_a_damaged_builtin_dataset_is_rebuilt_with_a_warning(tmp_path, caplog):
   with open(shards[0], "r+b") as f:  # zero 4 KiB in the middle of a shard
     f.seek(os.path.getsize(shards[0]) // 2)
     f.write(b"\0" * 4096)
-  sys.modules["tlresearch.data.load"]._cache.clear()  # a new process would read the files
+  sys.modules["tlresearch.data.loader"]._cache.clear()  # a new process would read the files
   caplog.set_level("WARNING", logger="tlresearch")
   again = data_lib.load("digits", data_dir=data_dir)
   assert any("cannot be read" in r.getMessage() and "rebuilding it" in r.getMessage()

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch import checkpoint, models, strategies, train
+from tlresearch.training import checkpoint, train
+from tlresearch import models
+from tlresearch.methods import strategies
 from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
 
 SEEDS = (0, 1, 2)
@@ -144,8 +146,8 @@ def test_auto_mode_loops_on_cpu_and_vmaps_on_accelerators():
   assert train.seeds_mode(cfg, backend="gpu") == "vmap"
   cfg.seeds_mode = "vmap"
   assert train.seeds_mode(cfg, backend="cpu") == "vmap"
-  from tlresearch import cell, grid
-  from tlresearch.errors import UserError
+  from tlresearch.experiment import cell, grid
+  from tlresearch.core.errors import UserError
   bad = grid.expand(_sweep_config("threads"))[0].config
   with pytest.raises(UserError, match="train.seeds_mode must be one of auto, loop, vmap"):
     cell.check(bad)  # before anything trains
@@ -194,7 +196,7 @@ def test_vmapped_seeds_resume_bitwise_from_a_checkpoint(tmp_path):
 
 
 def test_sweep_groups_are_the_seeds_of_one_configuration_and_mode_is_operational():
-  from tlresearch import cell, grid, sweep
+  from tlresearch.experiment import cell, grid, sweep
   cells = grid.expand(_sweep_config("vmap"))
   groups = sweep.seed_groups(cells)
   assert sorted(c.id for g in groups for c in g) == sorted(c.id for c in cells)
@@ -212,7 +214,8 @@ def test_sweep_groups_are_the_seeds_of_one_configuration_and_mode_is_operational
 
 
 def test_seeds_trained_together_write_what_one_run_each_writes(tmp_path, monkeypatch):
-  from tlresearch import cell, grid, io
+  from tlresearch.experiment import cell, grid
+  from tlresearch.core import io
   monkeypatch.setattr(cell.data_lib, "load_for", lambda cfg: _datas()[cfg.seed])
   config = _sweep_config()
   config.grid = [{"strategy": ["scratch"]}]  # no pretrained backbone to build
@@ -241,7 +244,7 @@ def test_seeds_trained_together_write_what_one_run_each_writes(tmp_path, monkeyp
 
 
 def test_sweep_trains_a_configurations_seeds_in_one_group(tmp_path, monkeypatch):
-  from tlresearch import cell, sweep
+  from tlresearch.experiment import cell, sweep
   monkeypatch.setattr(cell.data_lib, "load_for", lambda cfg: _datas()[cfg.seed])
   groups = []
   run = cell.run

@@ -11,7 +11,10 @@ import tensorflow_datasets as tfds
 
 from experiments import dropout_ablation, finetune_sweep
 from tlresearch import data as data_lib
-from tlresearch import grid, io, models, pretrain, run, selection
+from tlresearch.experiment import grid, cli as run, selection
+from tlresearch.core import configs, io
+from tlresearch import models
+from tlresearch.training import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Byte for byte equal between one process and tasks + merge (timing.csv holds wall seconds).
@@ -65,7 +68,7 @@ def _folder(root, tag, name):
 # --- which task runs which cells -------------------------------------------------------------
 
 def _configurations(cells):
-  return {grid.configuration(c.axes) for c in cells}
+  return {configs.configuration(c.axes) for c in cells}
 
 
 def _without_selection_keys(axes):
@@ -83,7 +86,7 @@ def test_every_cell_in_exactly_one_task_and_configurations_whole(num_tasks):
   for s in shards:
     assert [position[c.id] for c in s] == sorted(position[c.id] for c in s)  # grid order
     for key in _configurations(s):
-      assert len([c for c in s if grid.configuration(c.axes) == key]) == 5  # all its seeds
+      assert len([c for c in s if configs.configuration(c.axes) == key]) == 5  # all its seeds
   counts = [len(_configurations(s)) for s in shards]
   assert sum(counts) == 14 and max(counts) - min(counts) <= 1
   expanded_again = grid.expand(finetune_sweep.get_config())
@@ -102,12 +105,12 @@ def test_selection_cells_go_with_their_configuration():
     for c in selection.first_round(config, mine):
       assert c.id not in owner
       owner[c.id] = i
-      assert grid.configuration(_without_selection_keys(c.axes)) in _configurations(mine)
+      assert configs.configuration(_without_selection_keys(c.axes)) in _configurations(mine)
   assert set(owner) == {c.id for c in sel_cells}
 
 
 def test_assignment_does_not_depend_on_hash_randomisation():
-  script = ("from experiments import finetune_sweep\nfrom tlresearch import grid\n"
+  script = ("from experiments import finetune_sweep\nfrom tlresearch.experiment import grid\n"
             "print(' '.join(c.id for c in grid.shard(grid.expand(finetune_sweep.get_config()),"
             " 1, 4)))")
   env = {**os.environ, "PYTHONPATH": REPO, "PYTHONHASHSEED": "12345"}

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch import models, optim, penalty, strategies, train
-from tlresearch.strategies import Strategy
+from tlresearch import models
+from tlresearch.methods import optim, penalty, strategies
+from tlresearch.training import train
+from tlresearch.methods.strategies import Strategy
 from tests.conftest import fit_one, tiny_model_cfg, tiny_train_cfg
 
 
@@ -85,7 +87,7 @@ def test_lp_ft_second_stage_starts_from_the_probe_head(dataset):
   out = _fit(model, variables, strategy, dataset, cfg,
              on_epoch=lambda r, s: snaps.__setitem__((r["stage"], r["epoch"]),
                                                      jax.device_get(s.params)))
-  # The probe stage is one converged solve (tlresearch.probe), then 4 fine-tuning epochs.
+  # The probe stage is one converged solve (tlresearch.methods.probe), then 4 fine-tuning epochs.
   probe_end = snaps[("probe", 1)]
   assert [k[0] for k in sorted(snaps, key=lambda k: k[1])] == ["probe"] + ["fine_tune"] * 4
   assert out.probe is not None and out.history[0]["solver"] == "lbfgs"

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tlresearch import stats
+from tlresearch.analysis import stats
 
 
 def _paired_coverage(draw, true: float, n: int = 5, trials: int = 4000, seed: int = 0) -> float:

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch import models, optim, strategies
-from tlresearch.errors import UserError
-from tlresearch.strategies import FROZEN
+from tlresearch import models
+from tlresearch.methods import optim, strategies
+from tlresearch.core.errors import UserError
+from tlresearch.methods.strategies import FROZEN
 from tests.conftest import tiny_model_cfg
 
 import jax
@@ -160,7 +161,7 @@ def test_l2_sp_replaces_weight_decay_by_its_penalty():
 
 
 def test_layer_transfer_and_random_features():
-  from tlresearch import cell
+  from tlresearch.experiment import cell
   import ml_collections
   model, params = _params()
   frozen_t = strategies.get("layer_transfer:n=2", model.groups)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch import models, optim, programs, strategies, train
+from tlresearch import models
+from tlresearch.methods import optim, strategies
+from tlresearch.training import programs, train
 from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
 
 
@@ -210,7 +212,8 @@ def test_bfloat16_compute_stays_close_to_float32_with_float32_state(dataset, spe
 
 def test_compute_dtype_counts_in_identities_only_away_from_float32():
   from experiments import finetune_sweep
-  from tlresearch import cell, grid, pretrain
+  from tlresearch.experiment import cell, grid
+  from tlresearch.training import pretrain
   cfg = grid.expand(finetune_sweep.get_config())[0].config
   saved = cfg.to_dict()  # as a config saved before the key existed
   del saved["train"]["compute_dtype"]

@@ -10,8 +10,8 @@ import pytest
 from scipy import optimize
 from scipy import stats as st
 
-from tlresearch import transferability as tr
-from tlresearch.errors import UserError
+from tlresearch.analysis import transferability as tr
+from tlresearch.core.errors import UserError
 
 
 def _onehot(z, k):
@@ -344,7 +344,9 @@ def test_transferability_probe_scores_the_starting_backbone_on_the_training_spli
   import jax
   import jax.numpy as jnp
 
-  from tlresearch import models, probes, programs
+  from tlresearch import models
+  from tlresearch.analysis import probes
+  from tlresearch.training import programs
   from tests.conftest import make_dataset, tiny_model_cfg
 
   ds = make_dataset()

@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from tlresearch import run, timing, workers
-from tlresearch.errors import UserError
+from tlresearch.experiment import cli as run, workers
+from tlresearch.core import timing
+from tlresearch.core.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

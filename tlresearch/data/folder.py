@@ -19,7 +19,7 @@ import numpy as np
 
 from tlresearch.data.images import resize_pil
 from tlresearch.data.splits import DataOptions, assemble
-from tlresearch.errors import UserError
+from tlresearch.core.errors import UserError
 
 SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
 LAYOUT = "PATH/train/<class>/<images> (+ optional PATH/validation/, PATH/test/)"
@@ -199,7 +199,7 @@ def fingerprint(path: str) -> tuple:
 def content_digest(path: str, follow_external: bool = False) -> str:
   """A digest of what `folder:PATH` holds: its real location, and every file the reader
   would read (path, size, modification time). A cell trained on a folder is reused only
-  while this is unchanged (tlresearch.cell)."""
+  while this is unchanged (tlresearch.experiment.cell)."""
   import hashlib
   root = os.path.abspath(os.path.expanduser(path))
   key = (os.path.realpath(root), follow_external, fingerprint(path))

@@ -25,7 +25,7 @@ def _standard(x):
 
 def _caffe(x):
   # jnp.flip (a reverse), not x[..., ::-1]: the same values, and with a symbolic batch the
-  # slice lowers to a dynamic gather that TFLite's converter cannot take (tlresearch.export).
+  # slice lowers to a dynamic gather that TFLite's converter cannot take (tlresearch.deploy.export).
   return jnp.flip(x, -1) - jnp.asarray(CAFFE_BGR_MEAN, jnp.float32)
 
 

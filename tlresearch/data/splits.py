@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from tlresearch.errors import UserError
+from tlresearch.core.errors import UserError
 
 VTAB1K_TRAIN, VTAB1K_VAL = 800, 200
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tlresearch.data.load import Dataset
+from tlresearch.data.loader import Dataset
 
 
 def class_means(n_train: int = 48, n_val: int = 16, n_test: int = 16, classes: int = 4,

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 
 from tlresearch.data import images
 from tlresearch.data.splits import DataOptions, assemble
-from tlresearch.errors import UserError
+from tlresearch.core.errors import UserError
 
 
 def _builder(name: str, data_dir: str):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from tlresearch.errors import UserError, choices
+from tlresearch.core.errors import UserError, choices
 from tlresearch.models import mobilenet_v2 as mobilenet_v2_lib
 from tlresearch.models import resnet50 as resnet50_lib
 from tlresearch.models import vgg as vgg_lib

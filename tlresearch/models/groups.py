@@ -4,7 +4,7 @@ A family's top-level submodules are its *layer groups*, in input-to-output order
 speak only in these names, so "freeze everything below stage3" is one rule for any family.
 The model can run any contiguous slice of its groups (`start`/`stop`): a frozen prefix is
 then evaluated once and its output cached, and training runs only the rest (see
-`tlresearch.train`).
+`tlresearch.training.train`).
 """
 from __future__ import annotations
 

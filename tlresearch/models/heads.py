@@ -19,7 +19,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tlresearch.errors import UserError, choices
+from tlresearch.core.errors import UserError, choices
 
 POOLINGS = (None, "avg", "max")     # top="none" (Keras's `pooling` argument)
 HEAD_POOLINGS = ("avg", "max", "flatten")

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from tlresearch.errors import UserError
+from tlresearch.core.errors import UserError
 from tlresearch.models import mobilenet_v2 as mnv2
 from tlresearch.models.resnet50 import STAGE_BLOCKS, ResNet50
 from tlresearch.models.vgg import BLOCKS, VGG16

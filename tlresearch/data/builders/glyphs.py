@@ -50,7 +50,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tlresearch.data.builders import FORMAT_VERSION, RELEASE_NOTES
-from tlresearch.errors import UserError, choices
+from tlresearch.core.errors import UserError, choices
 
 IMAGE_SIZE = 32
 SPLITS = ("train", "validation", "test")

@@ -1,0 +1,358 @@
+"""Grid cells: what decides a cell's result, its checks, and its training -> files.
+
+A cell's folder holds `config.json`, `metrics.jsonl` and `final.json`; the tables are built
+from `final.json` alone. `run` trains one cell or several that differ only in seed (one
+`train.fit`), writing the same files for each.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+
+from flax import traverse_util
+from sklearn import metrics as skm
+
+from tlresearch.training import checkpoint, programs
+from tlresearch.core import configs, io
+from tlresearch.experiment import grid
+from tlresearch import models
+from tlresearch.methods import optim, strategies
+from tlresearch.analysis import probes
+from tlresearch import data as data_lib
+from tlresearch.methods import penalty
+from tlresearch.training import pretrain, train
+from tlresearch.deploy import recognizer
+from tlresearch.core import timing
+from tlresearch.data import preprocess
+from tlresearch.core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# The fields that decide a cell's result; bump the version when their meaning changes.
+# Not listed, so never part of a cell's identity: how it runs (checkpoint, train.seeds_mode,
+# train.data_parallel), where caches live (cache_dir), the grid and report blocks.
+IDENTITY_VERSION = 3
+# train.probe_solver decides a fine-tuned cell's result, not a pretrained backbone's (which
+# shares train.IDENTITY_FIELDS), so it is listed here only.
+IDENTITY_FIELDS = ("target", "seed", "k_shot", "class_subset", "data_dir", "data", "strategy",
+                   "pretrained_head", "probes", "model", "train.probe_solver") + tuple(
+                       f"train.{k}" for k in train.IDENTITY_FIELDS)
+
+
+def identity_defaults() -> dict:
+  """Keys added after results existed, at the values that leave earlier identities as they
+  were (`configs.pick`)."""
+  return ({f"train.{k}": v for k, v in train.IDENTITY_DEFAULTS.items()}
+          | {f"model.{k}": v for k, v in models.IDENTITY_DEFAULTS.items()}
+          | {"data.follow_external_links": False})
+
+
+def identity(config) -> dict:
+  """What decides a cell's result (a ConfigDict or a saved config dict): its fields, and
+  the identity of the pretrained backbone it starts from."""
+  out = configs.pick(config, IDENTITY_FIELDS, IDENTITY_VERSION, identity_defaults())
+  try:
+    out["pretrain"] = pretrain.identity(configs.get_path(config, "pretrain"),
+                                        configs.get_path(config, "model"))
+  except UserError:
+    out["pretrain"] = configs.MISSING
+  return out
+
+
+def fingerprint(cfg) -> str:
+  return configs.digest(identity(cfg))
+
+
+def configuration_key(cfg) -> str:
+  """Cells with equal keys differ only in seed: they can train together (`run`)."""
+  ident = identity(cfg)
+  del ident["seed"]
+  return json.dumps(ident, sort_keys=True)
+
+
+# ---------------------------------------------------------------- checks
+
+def check(cfg) -> None:
+  """UserError for any invalid value in a cell's config, before anything trains."""
+  data_lib.check_name(cfg.target)
+  models.build(cfg.model, 2)  # family and architecture fields
+  groups = models.groups_of(cfg.model)
+  strategy = strategies.get(cfg.strategy, groups)
+  paths = models.param_paths(cfg.model)
+  for stage in strategy.stages:
+    try:
+      strategies.resolve(stage.rules, paths)
+    except ValueError as e:
+      raise UserError(f"strategy '{cfg.strategy}': {e}") from None
+  if not strategies.trains(strategy, paths, groups[-1]) and not (cfg.pretrained_head
+                                                                 and strategy.pretrained):
+    raise UserError(f"strategy '{cfg.strategy}' never trains the head, so the head must come "
+                    "from pretraining: set pretrained_head=True (the target must have the "
+                    "source task's classes)")
+  if cfg.pretrained_head and models.head_spec(cfg.model) != models.HeadSpec():
+    raise UserError("pretrained_head=True loads the source's linear head, so model.head must "
+                    "be the default (pooling avg, hidden [])")
+  probes.check(tuple(cfg.probes))
+  recognizer.check(cfg.get("save_model", "none"))
+  lo, hi = grid.SEED_RANGE
+  if not lo <= cfg.pretrain.seed <= hi:
+    raise UserError(f"pretrain.seed must be an integer in [{lo}, {hi}], got {cfg.pretrain.seed}")
+  ck = cfg.checkpoint
+  for key, least in (("keep", 1), ("every_epochs", 1), ("min_seconds", 0)):
+    if ck[key] < least:
+      raise UserError(f"checkpoint.{key} must be >= {least}, got {ck[key]}")
+  if strategy.pretrained:
+    models.check_pretrained(cfg.model)  # e.g. missing ImageNet weights: fail now, not later
+  if any(penalty.needs_source_head(s.penalty) for s in strategy.stages) and (
+      models.pretrained_key(cfg.model) is not None):
+    raise UserError(f"strategy '{cfg.strategy}' reads the source task's head, which only the "
+                    f"project's source pretraining keeps; model.pretrained must be '' (got "
+                    f"'{cfg.model.pretrained}')")
+  if not 0 <= cfg.model.dropout_rate < 1:
+    raise UserError(f"model.dropout_rate must be in [0, 1), got {cfg.model.dropout_rate}")
+  if cfg.k_shot is not None and cfg.k_shot < 0:
+    raise UserError(f"k_shot must be >= 1 (or 0 / None for all examples), got {cfg.k_shot}")
+  train.check(cfg.train)
+
+
+def check_all(cells) -> None:
+  """Every cell's values, every (target, classes, k_shot, seed, size) subset actually
+  loadable, and a pretrained head only where the target has the source task's classes."""
+  for cell in cells:
+    check(cell.config)
+  loaded = set()
+  for c in cells:
+    cfg = c.config
+    key = json.dumps([cfg.target, cfg.data_dir, cfg.class_subset, cfg.k_shot or 0, cfg.seed,
+                      cfg.model.input_size, cfg.data.to_dict()], sort_keys=True)
+    if key not in loaded:
+      loaded.add(key)
+      data_lib.load_for(cfg)
+  for c in cells:
+    if c.config.pretrained_head:
+      p = c.config.pretrain
+      source = data_lib.load(p.dataset, data_dir=p.data_dir or None, class_subset=p.class_subset)
+      target = data_lib.load(c.config.target, data_dir=c.config.data_dir or None,
+                             class_subset=c.config.class_subset)
+      if source.num_classes != target.num_classes:
+        raise UserError(f"pretrained_head=True needs the source's {source.num_classes} classes, "
+                        f"but {c.config.target} has {target.num_classes}")
+
+
+def keeps_model(cfg) -> bool:
+  """Whether this cell keeps its trained variables (`save_model`; tlresearch.deploy.recognizer):
+  every final cell does under "best" (the best is known only once all have finished) and
+  "all"; selection cells never do."""
+  return cfg.get("save_model", "none") != "none"
+
+
+# What the tables, selection and kept models read from a final.json, and its type.
+_NUMBER = (int, float)
+FINAL_FIELDS = {"cell_id": str, "axes": dict, "status": str, "strategy": str, "target": str,
+                "seed": int, "test_accuracy": _NUMBER, "test_loss": _NUMBER,
+                "test_macro_f1": _NUMBER, "val_accuracy": _NUMBER, "best_epoch": int,
+                "epochs_run": int, "budget_limited": bool, "trainable_params": int,
+                "hparams": dict, "classification_report": dict, "wall_seconds": _NUMBER,
+                "compile_seconds": _NUMBER}
+
+
+def final_problem(final, cell) -> str | None:
+  """Why a final.json cannot stand for `cell` (a missing or mistyped field, another cell's
+  record), or None."""
+  if not isinstance(final, dict):
+    return "it is not a JSON object"
+  if final.get("status") not in ("ok", "diverged"):
+    return f"its status is {final.get('status')!r}"
+  for key, kind in FINAL_FIELDS.items():
+    if key not in final:
+      return f"it has no '{key}'"
+    if not isinstance(final[key], kind) or (kind is int and isinstance(final[key], bool)):
+      return f"its '{key}' is {final[key]!r}"
+  if final["cell_id"] != cell.id or final["axes"] != cell.axes:
+    return "it is another cell's record"
+  return None
+
+
+def data_digest(cfg) -> str | None:
+  """What a `folder:` target holds (data.folder.content_digest; None for other datasets,
+  whose content the cell's identity already names)."""
+  if not str(cfg.target).startswith("folder:"):
+    return None
+  from tlresearch.data import folder
+  return folder.content_digest(cfg.target[len("folder:"):],
+                               bool(cfg.data.get("follow_external_links", False)))
+
+
+def finished(cell_dir: str, cell) -> dict | None:
+  """The cell's final.json when it finished under exactly this config and holds what the
+  tables need, else None (a damaged one is reported: the cell trains again)."""
+  try:
+    saved = io.read_json(os.path.join(cell_dir, "config.json"))
+    final = io.read_json(os.path.join(cell_dir, "final.json"))
+  except (OSError, ValueError):
+    return None
+  if not isinstance(saved, dict) or identity(saved.get("config", {})) != identity(cell.config):
+    return None
+  if saved.get("data_digest") != data_digest(cell.config):
+    log.info("%s: the files of %s changed since the cell trained: it trains again", cell_dir,
+             cell.config.target)
+    return None
+  problem = final_problem(final, cell)
+  if problem is not None:
+    log.warning("%s/final.json cannot be reused (%s): the cell trains again", cell_dir, problem)
+    return None
+  return final
+
+
+# ---------------------------------------------------------------- training
+
+def trainable_params(variables, strategy) -> int:
+  """Largest number of trainable parameters over the strategy's stages."""
+  paths = traverse_util.flatten_dict(variables["params"], sep="/").keys()
+  return max(optim.count(variables["params"], strategies.resolve(s.rules, paths))
+             for s in strategy.stages)
+
+
+def not_loaded(cfg, strategy, groups) -> tuple[str, ...]:
+  """Groups that keep their fresh init: the head (a new task's head is new, unless the cell
+  asks for the source head), and the groups above a strategy's `transfer_groups`."""
+  head = () if cfg.pretrained_head else (groups[-1],)
+  above = () if strategy.transfer_groups is None else tuple(groups[strategy.transfer_groups:-1])
+  return above + head
+
+
+def run(cells, cell_dirs, pretrained: dict | None) -> list[dict]:
+  """Trains cells that differ only in seed (one cell is the common case) with one
+  `train.fit`, and writes config.json, metrics.jsonl and final.json to each cell's folder.
+  Returns the final.json records; compile_seconds and wall_seconds are each cell's equal
+  share of the group's."""
+  t0 = time.perf_counter()
+  cfgs = [c.config for c in cells]
+  with programs.compile_clock() as clock:
+    with timing.phase("files"):
+      for c, cell_dir in zip(cells, cell_dirs):
+        io.write_json(os.path.join(cell_dir, "config.json"),
+                      {"cell_id": c.id, "axes": c.axes, "config": c.config.to_dict(),
+                       "data_digest": data_digest(c.config)})
+    with timing.phase("data"):
+      datas = [data_lib.load_for(cfg) for cfg in cfgs]
+      data_reports = [data_lib.report(ds) for ds in datas]  # skipped files, carved splits
+    with timing.phase("init"):
+      model = models.build(cfgs[0].model, datas[0].num_classes)  # one module for every seed
+      strategy = strategies.get(cfgs[0].strategy, model.groups)
+      keys = [train.CellKeys.from_seed(cfg.seed) for cfg in cfgs]
+      starts = [_start_variables(cfg, model, strategy, k, ds, pretrained)
+                for cfg, k, ds in zip(cfgs, keys, datas)]
+    checkpointer = _checkpointer(cfgs, cell_dirs) if cfgs[0].checkpoint.enabled else None
+    results = train.fit(model, starts, strategy, datas, cfgs[0].train, keys,
+                        checkpointer=checkpointer)
+    with timing.phase("record"):
+      source = source_head(cfgs[0], strategy, pretrained)
+      finals = [final_record(c, ds, rep, model, strategy, v, r, source)
+                for c, ds, rep, v, r in zip(cells, datas, data_reports, starts, results)]
+  share = {"compile_seconds": clock.seconds / len(cells),
+           "wall_seconds": (time.perf_counter() - t0) / len(cells)}
+  with timing.phase("files"):
+    for c, ds, cell_dir, result, final in zip(cells, datas, cell_dirs, results, finals):
+      final.update(share)
+      if keeps_model(c.config):  # before final.json: a finished cell has its model
+        recognizer.save(recognizer.model_dir(cell_dir), result.variables,
+                        recognizer.card(c.config, final, ds.class_names,
+                                        ds.train_x.shape[1:3], preprocess.style_of(model)))
+      io.write_jsonl(os.path.join(cell_dir, "metrics.jsonl"), result.history)
+      io.write_json(os.path.join(cell_dir, "final.json"), final)
+    for cell_dir in cell_dirs:  # final.json is each cell's record from now on
+      checkpoint.Rolling(os.path.join(cell_dir, "checkpoints")).clear()
+  return finals
+
+
+class Backbones:
+  """cfg -> the pretrained variables it starts from, each backbone loaded (or pretrained and
+  cached) once per process."""
+
+  def __init__(self):
+    self._loaded = {}
+
+  def __call__(self, cfg) -> dict:
+    key = models.pretrained_key(cfg.model)  # e.g. keras:imagenet weights, or None
+    if key is not None:
+      if key not in self._loaded:
+        self._loaded[key] = models.load_pretrained(cfg.model)
+      return self._loaded[key]
+    pcfg = pretrain.for_model(cfg.pretrain, cfg.model)
+    key = pretrain.cache_key(pcfg)
+    if key not in self._loaded:
+      self._loaded[key] = pretrain.get_or_build(pcfg, cfg.cache_dir or None)[0]
+    return self._loaded[key]
+
+
+def _checkpointer(cfgs, cell_dirs):
+  """seed indices -> the FitCheckpointer of the seeds that train together: seeds trained
+  together save one checkpoint, in the first one's folder."""
+  policy = cfgs[0].checkpoint
+
+  def for_seeds(indices):
+    name = "-".join(fingerprint(cfgs[i]) for i in indices)
+    return checkpoint.FitCheckpointer(
+        os.path.join(cell_dirs[indices[0]], "checkpoints"),
+        hashlib.sha256(name.encode()).hexdigest(), every_epochs=policy.every_epochs,
+        min_seconds=policy.min_seconds, keep=policy.keep)
+
+  return for_seeds
+
+
+def _start_variables(cfg, model, strategy, keys, ds, pretrained):
+  # The same init key for every strategy: the head starts identical across a comparison.
+  fresh = programs.init_variables(model, keys.init, ds.train_x.shape[1:])
+  if not strategy.pretrained:
+    return fresh
+  start = models.merge_pretrained(fresh, pretrained, not_loaded(cfg, strategy, model.groups))
+  if any(penalty.needs_source_head(s.penalty) for s in strategy.stages):
+    # The pretrained source head (its classifier), read by the lwf penalty.
+    start[penalty.SOURCE_HEAD] = dict(source_head(cfg, strategy, pretrained))
+  return start
+
+
+def source_head(cfg, strategy, pretrained) -> dict | None:
+  """The source task's classifier ({'kernel', 'bias'}) of the backbone a cell starts from:
+  only the project's source pretraining keeps one."""
+  if not strategy.pretrained or pretrained is None or models.pretrained_key(cfg.model):
+    return None
+  return pretrained.get("params", {}).get("head", {}).get("dense")
+
+
+def final_record(cell, ds, data_report, model, strategy, variables,
+                 result: train.FitResult, source=None) -> dict:
+  """final.json's fields, except the timings (compile_seconds, wall_seconds) `run` adds.
+  `variables` are the cell's starting ones; `source` its backbone's source head, if any."""
+  cfg = cell.config
+  pred = result.test_predictions
+  labels = list(range(ds.num_classes))
+  return {
+      "cell_id": cell.id, "axes": cell.axes,
+      "status": "diverged" if result.diverged else "ok", "diverged_at": result.diverged,
+      "strategy": strategy.spec, "target": cfg.target, "seed": cfg.seed,
+      "test_accuracy": result.test["accuracy"], "test_loss": result.test["loss"],
+      "test_macro_f1": float(skm.f1_score(ds.test_y, pred, labels=labels, average="macro",
+                                          zero_division=0)),
+      "classification_report": skm.classification_report(
+          ds.test_y, pred, labels=labels, target_names=list(ds.class_names), output_dict=True,
+          zero_division=0),
+      "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+      "budget_limited": result.budget_limited,
+      "trainable_params": trainable_params(variables, strategy),
+      "total_params": optim.count(variables["params"]),
+      "train_examples": int(len(ds.train_x)), "cached_prefix": result.cached_prefix,
+      "notes": result.notes, **data_report,
+      # The selection protocol (tlresearch.experiment.selection) reads only this validation score.
+      "val_accuracy": result.val["accuracy"],
+      "hparams": {"train.lr": cfg.train.lr, "train.weight_decay": cfg.train.weight_decay},
+      # The converged probe's solve (chosen l2, gradient norm, the whole path), if any.
+      "probe": result.probe,
+      # A weight-space method's curve and chosen point (WiSE-FT), if any.
+      "weight_space": result.weight_space,
+      **probes.measure(tuple(cfg.probes), model, variables, result.variables, ds, source),
+  }
