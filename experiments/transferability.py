@@ -26,9 +26,8 @@ import ml_collections
 import numpy as np
 
 from experiments import _common
-from tlresearch.analysis import findings, report
+from tlresearch.analysis import findings, report, transferability as tr
 from tlresearch.core import io
-from tlresearch.analysis import transferability as tr
 
 TARGETS = ("glyphs_input_shift", "digits")
 # label -> (the grid axes that make the backbone, its probe row, its fine-tuned row)

@@ -2,8 +2,8 @@
 import numpy as np
 
 from experiments import _common
-from tlresearch.training import pretrain
 from tlresearch.data.loader import _subset, class_half
+from tlresearch.training import pretrain
 from tests.conftest import make_dataset
 
 

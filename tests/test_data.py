@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tlresearch.data import DATASETS, Dataset, default_data_dir, load
-from tlresearch.data.builders import digits, glyphs
 from tlresearch.core.errors import UserError
+from tlresearch.data import Dataset, DATASETS, default_data_dir, load
+from tlresearch.data.builders import digits, glyphs
 
 load_module = importlib.import_module("tlresearch.data.loader")  # the package exports `load`
 

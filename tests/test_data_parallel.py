@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch.experiment import cell
 from tlresearch import models
-from tlresearch.training import parallel, programs, train
+from tlresearch.experiment import cell
 from tlresearch.methods import strategies
+from tlresearch.training import parallel, programs, train
 from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
 
 DEVICES = 4

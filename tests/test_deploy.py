@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from tests.conftest import tiny_model_cfg
-from tlresearch.training import checkpoint
-from tlresearch.deploy import export, predict, recognizer
 from tlresearch import models
-from tlresearch.data import folder
 from tlresearch.core.errors import UserError
+from tlresearch.data import folder
+from tlresearch.deploy import export, predict, recognizer
+from tlresearch.training import checkpoint
 
 SIZE, CLASSES = 16, ("cat", "dog", "eel")
 HAS_TF = importlib.util.find_spec("tensorflow") is not None

@@ -3,10 +3,9 @@ import numpy as np
 import pytest
 
 from experiments import _common
-from tlresearch.experiment import cell as cell_lib
 from tlresearch.analysis import findings
-from tlresearch.experiment import grid, selection
 from tlresearch.core.errors import UserError
+from tlresearch.experiment import cell as cell_lib, grid, selection
 
 
 def _finals(gains, strategy="a", ref="b", base=0.7, spread=0.05, metric="test_accuracy"):

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from tlresearch.tools import floor
 from tlresearch.core.errors import UserError
+from tlresearch.tools import floor
 
 
 def _final(target, n, epochs, trainable, total=100):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from experiments import _common
-from tlresearch.experiment import cell
 from tlresearch import models
-from tlresearch.methods import strategies
-from tlresearch.training import train
 from tlresearch.core.errors import UserError
+from tlresearch.experiment import cell
+from tlresearch.methods import strategies
 from tlresearch.models.heads import Head
+from tlresearch.training import train
 from tests.conftest import tiny_model_cfg
 
 MLP = {"pooling": "flatten", "hidden": [12, 6], "activation": "relu"}

@@ -10,9 +10,9 @@ from PIL import Image
 
 from experiments import finetune_sweep
 from tests.conftest import tiny_train_cfg
+from tlresearch.core.errors import UserError
 from tlresearch.deploy import export, predict, recognizer
 from tlresearch.experiment import sweep
-from tlresearch.core.errors import UserError
 
 
 def _folder(root, classes=("cat", "dog", "eel"), n=(8, 3)):

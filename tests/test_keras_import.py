@@ -15,9 +15,9 @@ import pytest
 
 from experiments import _common
 from tlresearch import models
-from tlresearch.methods import strategies
-from tlresearch.data import preprocess
 from tlresearch.core.errors import UserError
+from tlresearch.data import preprocess
+from tlresearch.methods import strategies
 
 keras = pytest.importorskip("keras")
 

@@ -12,12 +12,11 @@ from sklearn import metrics as skm
 
 from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
 from tlresearch import models
+from tlresearch.analysis import report
+from tlresearch.data import augment as augment_lib, preprocess
+from tlresearch.deploy import recognizer
 from tlresearch.methods import optim, strategies
 from tlresearch.training import programs, train
-from tlresearch.deploy import recognizer
-from tlresearch.analysis import report
-from tlresearch.data import augment as augment_lib
-from tlresearch.data import preprocess
 
 
 @pytest.mark.slow

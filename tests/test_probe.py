@@ -9,8 +9,8 @@ from sklearn.linear_model import LogisticRegression
 from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
 from tlresearch import models
 from tlresearch.methods import probe, strategies
-from tlresearch.training import programs, train
 from tlresearch.models.heads import Head
+from tlresearch.training import programs, train
 
 
 class _HeadOnly(nn.Module):

@@ -14,9 +14,9 @@ from PIL import Image
 from experiments import finetune_sweep
 from tests.conftest import tiny_train_cfg
 from tlresearch import data as data_lib
-from tlresearch.experiment import cli as run, sweep
-from tlresearch.data import tfds_catalog
 from tlresearch.core.errors import UserError
+from tlresearch.data import tfds_catalog
+from tlresearch.experiment import cli as run, sweep
 
 
 def _image_folder(root, classes=("cat", "dog", "eel"), per_class=6, splits=("train",)):

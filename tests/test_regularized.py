@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch.training import checkpoint, programs, train, weight_space
 from tlresearch import models
-from tlresearch.methods import penalty, strategies
 from tlresearch.core.errors import UserError
+from tlresearch.methods import penalty, strategies
+from tlresearch.training import checkpoint, programs, train, weight_space
 from tests.conftest import fit_one, tiny_model_cfg, tiny_train_cfg
 
 SOURCE_CLASSES = 6

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tlresearch.training import checkpoint, pretrain, train
-from tlresearch.core import io
 from tlresearch import models
+from tlresearch.core import io
 from tlresearch.experiment import cli as run
 from tlresearch.methods import strategies
+from tlresearch.training import checkpoint, pretrain, train
 from tests.conftest import fit_one, tiny_model_cfg, tiny_train_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,11 +16,11 @@ from PIL import Image
 
 from tests.test_keep import _config as _folder_sweep_config
 from tests.test_keep import _folder
-from tlresearch.core import io
-from tlresearch.experiment import cli as run, sweep
 from tlresearch import data as data_lib
-from tlresearch.data import folder
+from tlresearch.core import io
 from tlresearch.core.errors import UserError
+from tlresearch.data import folder
+from tlresearch.experiment import cli as run, sweep
 
 
 def _png(path, value, size=(6, 6)):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from tlresearch.training import checkpoint, train
 from tlresearch import models
 from tlresearch.methods import strategies
+from tlresearch.training import checkpoint, train
 from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
 
 SEEDS = (0, 1, 2)

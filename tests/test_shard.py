@@ -10,10 +10,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from experiments import dropout_ablation, finetune_sweep
-from tlresearch import data as data_lib
-from tlresearch.experiment import grid, cli as run, selection
+from tlresearch import data as data_lib, models
 from tlresearch.core import configs, io
-from tlresearch import models
+from tlresearch.experiment import cli as run, grid, selection
 from tlresearch.training import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,8 +9,8 @@ from flax import traverse_util
 
 from tlresearch import models
 from tlresearch.methods import optim, penalty, strategies
-from tlresearch.training import train
 from tlresearch.methods.strategies import Strategy
+from tlresearch.training import train
 from tests.conftest import fit_one, tiny_model_cfg, tiny_train_cfg
 
 

@@ -3,8 +3,8 @@ import pytest
 from flax import traverse_util
 
 from tlresearch import models
-from tlresearch.methods import optim, strategies
 from tlresearch.core.errors import UserError
+from tlresearch.methods import optim, strategies
 from tlresearch.methods.strategies import FROZEN
 from tests.conftest import tiny_model_cfg
 

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from tlresearch.experiment import cli as run, workers
 from tlresearch.core import timing
 from tlresearch.core.errors import UserError
+from tlresearch.experiment import cli as run, workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -24,8 +24,8 @@ import dataclasses
 import math
 from typing import Callable
 
-from tlresearch.core import io
 from tlresearch.analysis import report, stats
+from tlresearch.core import io
 
 REPRODUCED, PARTLY, NOT, INCONCLUSIVE = ("reproduced", "partly reproduced", "not reproduced",
                                          "inconclusive")

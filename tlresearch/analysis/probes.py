@@ -19,10 +19,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from tlresearch.training import programs
 from tlresearch.analysis import transferability
+from tlresearch.core.errors import choices, UserError
 from tlresearch.data.builders import glyphs
-from tlresearch.core.errors import UserError, choices
+from tlresearch.training import programs
 
 PROBES = ("ood_corrupted", "feature_change", "transferability")
 CORRUPTION_SEED = 0  # one fixed corrupted test set per target

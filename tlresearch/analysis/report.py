@@ -12,9 +12,8 @@ import io as _io
 import math
 import os
 
-from tlresearch.core import configs
-from tlresearch.core import io
 from tlresearch.analysis import stats
+from tlresearch.core import configs, io
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ class AugmentSpec:
       return None
     return cls(float(cfg.rotation), float(cfg.width_shift), float(cfg.height_shift),
                float(cfg.shear), float(cfg.zoom), bool(cfg.horizontal_flip),
-               str(cfg.get("fill_mode", "nearest")))
+               str(cfg.fill_mode))
 
 
 def _one(key, image, spec: AugmentSpec):

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from tlresearch.data.images import resize_pil
-from tlresearch.data.splits import DataOptions, assemble
 from tlresearch.core.errors import UserError
+from tlresearch.data.images import resize_pil
+from tlresearch.data.splits import assemble, DataOptions
 
 SPLIT_DIRS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
 LAYOUT = "PATH/train/<class>/<images> (+ optional PATH/validation/, PATH/test/)"

@@ -36,10 +36,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 # Importing the builder modules registers them with TFDS.
+from tlresearch.core.errors import choices, UserError
 from tlresearch.data import images
-from tlresearch.data.builders import FILE_FORMAT, digits, glyphs
+from tlresearch.data.builders import digits, FILE_FORMAT, glyphs
 from tlresearch.data.splits import DataOptions
-from tlresearch.core.errors import UserError, choices
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import difflib
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tlresearch.data import images
-from tlresearch.data.splits import DataOptions, assemble
 from tlresearch.core.errors import UserError
+from tlresearch.data import images
+from tlresearch.data.splits import assemble, DataOptions
 
 
 def _builder(name: str, data_dir: str):

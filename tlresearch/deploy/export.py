@@ -310,10 +310,31 @@ def export(model: str, out: str, formats=("jax",), platforms=None, overwrite=Fal
       written).
   """
   import jax
-  import numpy as np
   from tlresearch.core import io
   from tlresearch.deploy import recognizer
   formats = list(formats)
+  model = _check_request(model, out, formats, overwrite)
+  rec = recognizer.load(model)
+  images = check_images(rec)
+  expected = rec.probabilities(images)
+  here = jax.export.default_export_platform()
+  with io.atomic_dir(out) as tmp:
+    done = [_write_checked(fmt, rec, tmp, out, platforms, images, expected, here)
+            for fmt in formats]
+    shutil.copyfile(os.path.join(model, recognizer.CARD), os.path.join(tmp, recognizer.CARD))
+    io.write_json(os.path.join(tmp, EXPORT_CARD),
+                  export_card(rec, formats, platforms or [here]))
+  for d in done:
+    check = (f"max abs difference from the kept model {d['max_abs_diff']:.1g}"
+             if d["max_abs_diff"] is not None else
+             f"not run here: lowered for {','.join(platforms)}, this is {here}")
+    log(f"{d['format']}: {d['path']} ({human_size(d['bytes'])}, {d['seconds']:.1f} s, {check})")
+  return done
+
+
+def _check_request(model: str, out: str, formats: list, overwrite: bool) -> str:
+  """The kept model's folder; UserError for bad formats, an export given as the model, an
+  `out` that may not be written, or TensorFlow missing for a format that needs it."""
   bad = [f for f in formats if f not in FORMATS]
   if bad or not formats:
     raise UserError(f"unknown format '{bad[0] if bad else ''}'; valid: {choices(FORMATS)}")
@@ -324,35 +345,26 @@ def export(model: str, out: str, formats=("jax",), platforms=None, overwrite=Fal
   check_out(out, model, overwrite)
   if any(f in TF_FORMATS for f in formats):
     require_tensorflow()
-  rec = recognizer.load(model)
-  images = check_images(rec)
-  expected = rec.probabilities(images)
-  here = jax.export.default_export_platform()
-  done = []
-  with io.atomic_dir(out) as tmp:
-    for fmt in formats:
-      path = os.path.join(tmp, FILES[fmt])
-      with quiet_stderr():
-        t0 = time.perf_counter()
-        write(fmt, rec, path, platforms)
-        seconds = time.perf_counter() - t0
-        runs_here = fmt == "tflite" or platforms is None or here in platforms
-        diff = float(np.max(np.abs(probabilities(fmt, path, images) - expected))) \
-            if runs_here else None
-      if diff is not None and not diff <= CHECK_TOLERANCE:
-        raise ExportMismatch(f"{fmt}: probabilities differ from the kept model's by {diff:.3g} "
-                             f"(tolerance {CHECK_TOLERANCE:g})")
-      done.append({"format": fmt, "path": os.path.join(out, FILES[fmt]), "bytes": _size(path),
-                   "seconds": seconds, "max_abs_diff": diff})
-    shutil.copyfile(os.path.join(model, recognizer.CARD), os.path.join(tmp, recognizer.CARD))
-    io.write_json(os.path.join(tmp, EXPORT_CARD),
-                  export_card(rec, formats, platforms or [here]))
-  for d in done:
-    check = (f"max abs difference from the kept model {d['max_abs_diff']:.1g}"
-             if d["max_abs_diff"] is not None else
-             f"not run here: lowered for {','.join(platforms)}, this is {here}")
-    log(f"{d['format']}: {d['path']} ({human_size(d['bytes'])}, {d['seconds']:.1f} s, {check})")
-  return done
+  return model
+
+
+def _write_checked(fmt, rec, tmp, out, platforms, images, expected, here) -> dict:
+  """Writes one format into `tmp` and checks its probabilities against the kept model's
+  (where it runs here); ExportMismatch beyond CHECK_TOLERANCE."""
+  import numpy as np
+  path = os.path.join(tmp, FILES[fmt])
+  with quiet_stderr():
+    t0 = time.perf_counter()
+    write(fmt, rec, path, platforms)
+    seconds = time.perf_counter() - t0
+    runs_here = fmt == "tflite" or platforms is None or here in platforms
+    diff = float(np.max(np.abs(probabilities(fmt, path, images) - expected))) \
+        if runs_here else None
+  if diff is not None and not diff <= CHECK_TOLERANCE:
+    raise ExportMismatch(f"{fmt}: probabilities differ from the kept model's by {diff:.3g} "
+                         f"(tolerance {CHECK_TOLERANCE:g})")
+  return {"format": fmt, "path": os.path.join(out, FILES[fmt]), "bytes": _size(path),
+          "seconds": seconds, "max_abs_diff": diff}
 
 
 def write(fmt: str, rec, path: str, platforms=None) -> None:

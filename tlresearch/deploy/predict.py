@@ -32,9 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tlresearch.core.errors import choices, UserError
 from tlresearch.data import folder
 from tlresearch.data.images import resize_pil
-from tlresearch.core.errors import UserError, choices
 
 USAGE = ("usage: python -m tlresearch.deploy.predict --model=DIR [--top_k=3] [--out=FILE.csv] "
          "[--batch_size=64] PATH...")

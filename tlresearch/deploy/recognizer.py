@@ -25,10 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tlresearch.core import configs, io
+from tlresearch.core.errors import choices, UserError
 from tlresearch.training import checkpoint
-from tlresearch.core import configs
-from tlresearch.core import io
-from tlresearch.core.errors import UserError, choices
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +206,7 @@ def keep(config, cells, finals, workdir: str, retrain=None) -> dict:
   cell that finished before models were kept (`retrain(cell, cell_dir)` -> its final
   record; None, as in --merge: UserError instead). Writes `<workdir>/kept_models.json` and
   returns it."""
-  policy = config.get("save_model", "none")
+  policy = config.save_model
   if policy == "none":
     return {}
   dirs = {c.id: os.path.join(workdir, c.id) for c in cells}

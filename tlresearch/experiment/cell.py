@@ -15,19 +15,15 @@ import time
 from flax import traverse_util
 from sklearn import metrics as skm
 
-from tlresearch.training import checkpoint, programs
-from tlresearch.core import configs, io
-from tlresearch.experiment import grid
-from tlresearch import models
-from tlresearch.methods import optim, strategies
+from tlresearch import data as data_lib, models
 from tlresearch.analysis import probes
-from tlresearch import data as data_lib
-from tlresearch.methods import penalty
-from tlresearch.training import pretrain, train
-from tlresearch.deploy import recognizer
-from tlresearch.core import timing
-from tlresearch.data import preprocess
+from tlresearch.core import configs, io, timing
 from tlresearch.core.errors import UserError
+from tlresearch.data import preprocess
+from tlresearch.deploy import recognizer
+from tlresearch.experiment import grid
+from tlresearch.methods import optim, penalty, strategies
+from tlresearch.training import checkpoint, pretrain, programs, train
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +92,7 @@ def check(cfg) -> None:
     raise UserError("pretrained_head=True loads the source's linear head, so model.head must "
                     "be the default (pooling avg, hidden [])")
   probes.check(tuple(cfg.probes))
-  recognizer.check(cfg.get("save_model", "none"))
+  recognizer.check(cfg.save_model)
   lo, hi = grid.SEED_RANGE
   if not lo <= cfg.pretrain.seed <= hi:
     raise UserError(f"pretrain.seed must be an integer in [{lo}, {hi}], got {cfg.pretrain.seed}")
@@ -146,7 +142,7 @@ def keeps_model(cfg) -> bool:
   """Whether this cell keeps its trained variables (`save_model`; tlresearch.deploy.recognizer):
   every final cell does under "best" (the best is known only once all have finished) and
   "all"; selection cells never do."""
-  return cfg.get("save_model", "none") != "none"
+  return cfg.save_model != "none"
 
 
 # What the tables, selection and kept models read from a final.json, and its type.
@@ -183,7 +179,7 @@ def data_digest(cfg) -> str | None:
     return None
   from tlresearch.data import folder
   return folder.content_digest(cfg.target[len("folder:"):],
-                               bool(cfg.data.get("follow_external_links", False)))
+                               bool(cfg.data.follow_external_links))
 
 
 def finished(cell_dir: str, cell) -> dict | None:

@@ -27,12 +27,12 @@ import itertools
 
 import ml_collections
 
-from tlresearch.core import configs
-from tlresearch.experiment import grid
 from tlresearch import models
+from tlresearch.core import configs
+from tlresearch.core.errors import UserError
+from tlresearch.experiment import grid
 from tlresearch.methods import strategies
 from tlresearch.training import train
-from tlresearch.core.errors import UserError
 
 LR, WD = "train.lr", "train.weight_decay"
 

@@ -16,20 +16,14 @@ import time
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from tlresearch.experiment import cell as cell_lib
-from tlresearch.analysis import findings as findings_lib
-from tlresearch import data as data_lib
-from tlresearch.experiment import grid, selection
-from tlresearch.core import configs, io
-from tlresearch import models
-from tlresearch.training import pretrain, programs
-from tlresearch.deploy import recognizer
-from tlresearch.analysis import report
-from tlresearch.methods import strategies
-from tlresearch.core import timing
-from tlresearch.training import train
-from tlresearch.experiment import workers
+from tlresearch import data as data_lib, models
+from tlresearch.analysis import findings as findings_lib, report
+from tlresearch.core import configs, io, timing
 from tlresearch.core.errors import UserError
+from tlresearch.deploy import recognizer
+from tlresearch.experiment import cell as cell_lib, grid, selection, workers
+from tlresearch.methods import strategies
+from tlresearch.training import pretrain, programs, train
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +247,7 @@ class CellRunner:
 
   def __init__(self, config, progress: bool):
     self.labels = dict(config.report.axis_labels)
-    self.print_reports = bool(config.report.get("classification_reports", False))
+    self.print_reports = bool(config.report.classification_reports)
     self.progress = progress
     self.setting = config.workers
     self.backbones = cell_lib.Backbones()
@@ -292,7 +286,7 @@ class CellRunner:
   def __call__(self, cells, root, desc, final: bool = True):
     done = dict(zip((c.id for c in cells), _read_finals(cells, root)))
     for c in cells:  # save_model=all: a cell finished without its model trains again
-      if (done[c.id] is not None and c.config.get("save_model", "none") == "all"
+      if (done[c.id] is not None and c.config.save_model == "all"
           and not recognizer.has_model(os.path.join(root, c.id))):
         done[c.id] = None
     todo = [c for c in cells if done[c.id] is None]
@@ -365,7 +359,7 @@ def write_results(config, name: str, results_dir: str, finals: list[dict],
     if findings is not None:
       names += [os.path.basename(p)
                 for p in findings_lib.write(folder, name, findings, finals, command)]
-    if config.report.get("classification_reports", False):
+    if config.report.classification_reports:
       io.write_text(os.path.join(folder, "classification_reports.md"),
                     _classification_reports(name, finals, dict(config.report.axis_labels)))
       names.append("classification_reports.md")

@@ -11,7 +11,7 @@ from flax import traverse_util
 import jax.numpy as jnp
 import optax
 
-from tlresearch.core.errors import UserError, choices
+from tlresearch.core.errors import choices, UserError
 from tlresearch.methods.strategies import FROZEN
 
 OPTIMIZERS = ("sgd", "adam", "adamw")

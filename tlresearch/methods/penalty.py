@@ -47,8 +47,8 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
-from tlresearch.models.heads import pool
 from tlresearch.methods.strategies import FROZEN
+from tlresearch.models.heads import pool
 
 PENALTIES = ("l2_sp", "delta", "bss", "lwf")
 # Penalties that compare the network with its frozen starting point on each batch.

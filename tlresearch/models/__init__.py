@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from tlresearch.core.errors import UserError, choices
-from tlresearch.models import mobilenet_v2 as mobilenet_v2_lib
-from tlresearch.models import resnet50 as resnet50_lib
-from tlresearch.models import vgg as vgg_lib
+from tlresearch.core.errors import choices, UserError
+from tlresearch.models import (mobilenet_v2 as mobilenet_v2_lib, resnet50 as resnet50_lib,
+                               vgg as vgg_lib)
 from tlresearch.models.heads import DEFAULT_HEAD, HeadSpec
 from tlresearch.models.merge import merge_pretrained
 from tlresearch.models.mobilenet_v2 import MobileNetV2
@@ -82,33 +81,35 @@ def build(model_cfg, num_classes: int):
     raise UserError(f"model.{unknown[0]} is not a field of model.family '{family}'; valid: "
                     f"{choices(fields - {'num_classes'})}, pretrained, head")
   head = head_spec(model_cfg)
-  if family in KERAS_FAMILIES and kwargs.get("top", "linear") != "linear" and head != HeadSpec():
+  # The family's own defaults stand for the keys a config leaves out.
+  value = {**_fields(FAMILIES[family]), **kwargs}
+  if family in KERAS_FAMILIES and value["top"] != "linear" and head != HeadSpec():
     raise UserError(f"model.head applies to model.top='linear' only (the new head), got "
-                    f"top='{kwargs['top']}'")
+                    f"top='{value['top']}'")
   kwargs["head_spec"] = head
   if family == "resnet":
     for key in ("width", "blocks_per_stage", "num_stages", "stem_strides"):
-      if int(kwargs.get(key, 1)) < 1:
-        raise UserError(f"model.{key} must be >= 1, got {kwargs[key]}")
+      if int(value[key]) < 1:
+        raise UserError(f"model.{key} must be >= 1, got {value[key]}")
   else:
-    top = kwargs.get("top", "linear")
+    top = value["top"]
     if top not in TRAINABLE_TOPS:
       raise UserError(f"model.top must be one of {', '.join(TRAINABLE_TOPS)} for training, "
                       f"got '{top}'")
-    if int(kwargs.get("input_size", 224)) < MIN_INPUT_SIZE:
+    if int(value["input_size"]) < MIN_INPUT_SIZE:
       raise UserError(f"model.input_size must be >= {MIN_INPUT_SIZE} for {family}, got "
-                      f"{kwargs['input_size']}")
-    if int(kwargs.get("width", 64)) < 1:
-      raise UserError(f"model.width must be >= 1, got {kwargs['width']}")
-    if float(kwargs.get("alpha", 1.0)) <= 0:
-      raise UserError(f"model.alpha must be > 0, got {kwargs['alpha']}")
+                      f"{value['input_size']}")
+    if "width" in value and int(value["width"]) < 1:
+      raise UserError(f"model.width must be >= 1, got {value['width']}")
+    if "alpha" in value and float(value["alpha"]) <= 0:
+      raise UserError(f"model.alpha must be > 0, got {value['alpha']}")
   return FAMILIES[family](num_classes=num_classes, **kwargs)
 
 
 def groups_of(model_cfg) -> tuple[str, ...]:
   """Ordered group names of the model `model_cfg` describes, without building it."""
   if model_cfg.family == "resnet":
-    return group_names(model_cfg.get("num_stages", _fields(ResNet)["num_stages"]))
+    return group_names({**_fields(ResNet), **_kwargs(model_cfg)}["num_stages"])
   if model_cfg.family in KERAS_FAMILIES:
     return KERAS_FAMILIES[model_cfg.family].group_names(model_cfg.top)
   raise UserError(f"unknown model.family '{model_cfg.family}'; valid: {choices(FAMILIES)}")
@@ -183,6 +184,6 @@ def _param_paths(model_json: str) -> tuple[str, ...]:
   return tuple(traverse_util.flatten_dict(shapes["params"], sep="/"))
 
 
-__all__ = ["FAMILIES", "IDENTITY_DEFAULTS", "VGG16", "HeadSpec", "MobileNetV2", "ResNet",
-           "ResNet50", "build", "check_pretrained", "from_keras", "groups_of", "head_spec",
-           "input_size", "load_pretrained", "merge_pretrained", "param_paths", "pretrained_key"]
+# The families' classes, FAMILIES and from_keras stay importable for the tools and tests.
+__all__ = ["build", "check_pretrained", "groups_of", "head_spec", "load_pretrained",
+           "merge_pretrained", "param_paths", "pretrained_key"]

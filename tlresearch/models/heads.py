@@ -19,7 +19,8 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tlresearch.core.errors import UserError, choices
+from tlresearch.core import schema
+from tlresearch.core.errors import choices, UserError
 
 POOLINGS = (None, "avg", "max")     # top="none" (Keras's `pooling` argument)
 HEAD_POOLINGS = ("avg", "max", "flatten")
@@ -50,12 +51,15 @@ def activation(x, name: str | None):
                    "sigmoid")
 
 
+_DEFAULT = schema.head()  # the schema's model.head
+
+
 @dataclasses.dataclass(frozen=True)
 class HeadSpec:
   """What `model.head` asks for (hashable, so a module holding it can be a static argument)."""
-  pooling: str = "avg"
-  hidden: tuple[int, ...] = ()
-  activation: str = "relu"
+  pooling: str = _DEFAULT.pooling
+  hidden: tuple[int, ...] = tuple(_DEFAULT.hidden)
+  activation: str = _DEFAULT.activation
 
   @property
   def linear(self) -> bool:
@@ -65,21 +69,21 @@ class HeadSpec:
   @classmethod
   def from_config(cls, cfg) -> "HeadSpec":
     """From a `model.head` ConfigDict or dict; UserError for any invalid value."""
-    cfg = dict(cfg)
+    cfg = {**HeadSpec().to_config(), **dict(cfg)}
     unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
       raise UserError(f"model.head.{unknown[0]} is not a head field; valid: pooling, hidden, "
                       "activation")
-    pooling = cfg.get("pooling", "avg")
+    pooling = cfg["pooling"]
     if pooling not in HEAD_POOLINGS:
       raise UserError(f"model.head.pooling must be one of {choices(HEAD_POOLINGS)}, got "
                       f"'{pooling}'")
-    hidden = cfg.get("hidden", ())
+    hidden = cfg["hidden"]
     if isinstance(hidden, int) or not all(isinstance(h, int) and not isinstance(h, bool)
                                           and h >= 1 for h in hidden):
       raise UserError(f"model.head.hidden must be a list of layer widths >= 1, e.g. [256], got "
                       f"{hidden!r}")
-    act = cfg.get("activation", "relu")
+    act = cfg["activation"]
     if act not in ACTIVATIONS:
       raise UserError(f"model.head.activation must be one of {choices(ACTIVATIONS)}, got "
                       f"'{act}'")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from tlresearch.core import io
-from tlresearch.core.errors import UserError, exit_with
+from tlresearch.core.errors import exit_with, UserError
 
 USAGE = ("usage: python -m tlresearch.tools.to_folder --dataset=NAME --out=DIR [--per_class=N] "
          "[--seed=S] [--data_dir=DIR]")

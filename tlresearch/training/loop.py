@@ -125,7 +125,7 @@ class FitRun:
       self.seeds = [SeedLedger.from_progress(m) for m in resume["seeds"]]
       self.epochs_done = resume["epochs_done"]
     variables = lanes.stack(starts)
-    # Collections beside params and batch_stats (the pretrained source head `lwf` reads)
+    # Collections beside params and batch_stats (a pretrained source head a penalty reads)
     # are read-only inputs of the stages' penalties, never trained or returned.
     extras = {k: v for k, v in variables.items() if k not in ("params", "batch_stats")}
     variables = {k: v for k, v in variables.items() if k not in extras}

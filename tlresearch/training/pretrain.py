@@ -14,11 +14,10 @@ import jax
 import ml_collections
 from sklearn import metrics as skm
 
-from tlresearch import data as data_lib
-from tlresearch.training import checkpoint, programs, train
+from tlresearch import data as data_lib, models
 from tlresearch.core import configs, io
-from tlresearch import models
 from tlresearch.methods import strategies
+from tlresearch.training import checkpoint, programs, train
 
 log = logging.getLogger(__name__)
 

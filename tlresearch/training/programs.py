@@ -33,12 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tlresearch.methods import optim, penalty
-from tlresearch.training import parallel
 from tlresearch.core import timing
 from tlresearch.data import preprocess as preprocessing
-from tlresearch.data.augment import AugmentSpec, augment
+from tlresearch.data.augment import augment, AugmentSpec
+from tlresearch.methods import optim, penalty
 from tlresearch.methods.strategies import FROZEN, resolve
+from tlresearch.training import parallel
 
 EVAL_CHUNK = 256
 

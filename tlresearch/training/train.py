@@ -13,7 +13,7 @@ import dataclasses
 import jax
 
 from tlresearch.core import schema
-from tlresearch.core.errors import UserError, choices
+from tlresearch.core.errors import choices, UserError
 from tlresearch.data.augment import FILL_MODES
 from tlresearch.methods import optim, probe
 from tlresearch.training import loop, method_hooks

@@ -17,8 +17,8 @@ import functools
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tlresearch.core.errors import choices, UserError
 from tlresearch.data.builders import FORMAT_VERSION, RELEASE_NOTES
-from tlresearch.core.errors import UserError, choices
 
 IMAGE_SIZE = 32
 SPLITS = ("train", "validation", "test")
