@@ -10,8 +10,8 @@ this measures the strategies at their best lr, not a deployable few-shot protoco
 """
 import ml_collections
 
-from experiments import _common
 from tlresearch.analysis import findings, report
+from tlresearch.core import schema
 
 KS = (1, 5, 10, 25, 100)
 STRATEGIES = ("linear_probe", "partial:k=1", "full", "scratch")
@@ -19,7 +19,7 @@ TARGET = "glyphs_new_classes"
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=[TARGET])
+  c = schema.sweep(targets=[TARGET])
   c.target = TARGET
   c.train.min_steps = 60
   c.grid = [{"strategy": list(STRATEGIES), "k_shot": list(KS)}]

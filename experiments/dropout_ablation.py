@@ -11,8 +11,8 @@ rules compare each strategy with its own no-dropout row.
 """
 import ml_collections
 
-from experiments import _common
 from tlresearch.analysis import findings, report
+from tlresearch.core import schema
 
 RATES = (0.0, 0.2, 0.5, 0.8)
 STRATEGIES = ("linear_probe", "full")
@@ -20,7 +20,7 @@ TARGETS = ("glyphs_input_shift", "digits")
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=list(TARGETS))
+  c = schema.sweep(targets=list(TARGETS))
   c.grid = [{"strategy": list(STRATEGIES), "model.dropout_rate": list(RATES)}]
   c.train.probe_solver = "sgd"  # the same probe training at every dropout rate
   c.report.reference = "full"

@@ -11,8 +11,8 @@ stop.
 """
 import ml_collections
 
-from experiments import _common
 from tlresearch.analysis import findings, report
+from tlresearch.core import schema
 
 PATIENCE = (2, 5, 10)
 STRATEGIES = ("linear_probe", "full")
@@ -21,7 +21,7 @@ EPOCHS = 30
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=list(TARGETS))
+  c = schema.sweep(targets=list(TARGETS))
   c.train.epochs = EPOCHS
   c.selection.enabled = False  # the stopping rule is the only variable
   c.train.probe_solver = "sgd"  # epochs to stop, for the probe too

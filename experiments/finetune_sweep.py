@@ -26,7 +26,7 @@ input-level shift where the literature expects full fine-tuning to beat a linear
 """
 import ml_collections
 
-from experiments import _common
+from tlresearch.core import schema
 
 STRATEGIES = ["linear_probe", "partial:k=1", "partial:k=2", "full",
               "discriminative:decay=0.5"]
@@ -34,7 +34,7 @@ SCRATCH_EPOCHS = 36
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=["glyphs_input_shift", "digits"], seeds=[0, 1, 2, 3, 4])
+  c = schema.sweep(targets=["glyphs_input_shift", "digits"], seeds=[0, 1, 2, 3, 4])
   c.grid = [                   # blocks of axes, each crossed with targets x seeds
       {"strategy": STRATEGIES},
       {"strategy": ["scratch"], "train.epochs": [SCRATCH_EPOCHS]},

@@ -21,16 +21,16 @@ fixed subsets of 100 validation and 200 test images):
 """
 import ml_collections
 
-from experiments import _common
+from tlresearch.core import schema
 from experiments.finetune_sweep import STRATEGIES
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=["tfds:oxford_flowers102"], seeds=[0, 1, 2], k_shot=0,
+  c = schema.sweep(targets=["tfds:oxford_flowers102"], seeds=[0, 1, 2], k_shot=0,
                     target="tfds:oxford_flowers102")
-  c.model = _common.keras_model()  # VGG16 with Keras's ImageNet weights
+  c.model = schema.keras_model()  # VGG16 with Keras's ImageNet weights
   # VGG16 has no BatchNorm: a smaller rate than the small ResNet's, 32 images a step.
-  c.train = _common.train(epochs=20, batch_size=32, lr=0.01)
+  c.train = schema.train(epochs=20, batch_size=32, lr=0.01)
   c.train.augment.horizontal_flip = True  # flowers (unlike glyphs) are mirror-symmetric
   c.selection.enabled = False  # one shared lr (each cell is costly at 224 px)
   # The base probe is solved to convergence (tlresearch.methods.probe); with dropout or augmentation

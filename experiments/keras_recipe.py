@@ -40,18 +40,18 @@ project's offline ResNet-8 (pretrained on the glyph source task) at 32 px in pla
 """
 import ml_collections
 
-from experiments import _common
+from tlresearch.core import schema
 
 RECIPE = "head_then_top:k=1,lr_scale=0.1,head=0.5"
 STRATEGIES = (RECIPE, "linear_probe", "partial:k=1", "full", "lp_ft:probe=0.5")
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=["folder:cats_and_dogs_filtered"], seeds=[0, 1, 2], k_shot=0,
+  c = schema.sweep(targets=["folder:cats_and_dogs_filtered"], seeds=[0, 1, 2], k_shot=0,
                     target="folder:cats_and_dogs_filtered", save_model="best")
-  c.model = _common.keras_model(family="vgg16", input_size=150, dropout_rate=0.5)
-  c.model.head = _common.head(pooling="flatten", hidden=[256], activation="relu")
-  c.train = _common.train(epochs=30, batch_size=32, optimizer="adam", lr=1e-4, weight_decay=0.0,
+  c.model = schema.keras_model(family="vgg16", input_size=150, dropout_rate=0.5)
+  c.model.head = schema.head(pooling="flatten", hidden=[256], activation="relu")
+  c.train = schema.train(epochs=30, batch_size=32, optimizer="adam", lr=1e-4, weight_decay=0.0,
                           warmup_epochs=0.0, schedule="constant")
   a = c.train.augment
   a.enabled, a.rotation, a.width_shift, a.height_shift = True, 40.0, 0.2, 0.2

@@ -25,8 +25,8 @@ at large n (which needs a well-trained upper network) cannot appear. `--config.k
 """
 import ml_collections
 
-from experiments import _common
 from tlresearch.analysis import findings, report
+from tlresearch.core import schema
 
 N = (1, 2, 3, 4)
 
@@ -36,7 +36,7 @@ def _t(n, fine_tune):
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=["glyphs_source"], k_shot=40, class_subset="B")
+  c = schema.sweep(targets=["glyphs_source"], k_shot=40, class_subset="B")
   c.target = "glyphs_source"
   c.pretrain.class_subset = "A"  # grid axis below: the source half the backbone was trained on
   c.selection.enabled = False    # the paper fixes the optimisation for every condition

@@ -12,15 +12,15 @@ handwritten digits). Protocol: lr and weight decay selected per strategy and tar
 """
 import ml_collections
 
-from experiments import _common
 from tlresearch.analysis import findings, report
+from tlresearch.core import schema
 
 TARGETS = ("glyphs_feature_shift", "digits")
 STRATEGIES = ("linear_probe", "full", "lp_ft:probe=0.5")
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=list(TARGETS), k_shot=20,
+  c = schema.sweep(targets=list(TARGETS), k_shot=20,
                     probes=["ood_corrupted", "feature_change"])
   c.selection.weight_decay = [0.0, 5e-4]
   c.grid = [{"strategy": list(STRATEGIES)}]

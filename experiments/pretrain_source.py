@@ -5,10 +5,10 @@ to see the source accuracy. The cache key is the whole pretraining config.
 """
 import ml_collections
 
-from experiments import _common
+from tlresearch.core import schema
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep()
+  c = schema.sweep()
   c.kind = "pretrain"          # what tlresearch.run does with this config: only c.pretrain
   return c

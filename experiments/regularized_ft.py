@@ -29,8 +29,8 @@ training or selection, where WiSE-FT's claim is made.
 """
 import ml_collections
 
-from experiments import _common
 from tlresearch.analysis import findings, report
+from tlresearch.core import schema
 from tlresearch.training import weight_space
 
 TARGETS = ("glyphs_input_shift", "digits")
@@ -47,7 +47,7 @@ STRATEGIES = (FULL, L2_SP, DELTA, BSS, LWF, LP_FT, WISE_FT, SOUP, WEAK_DELTA, WE
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=list(TARGETS), k_shot=20, probes=["ood_corrupted"])
+  c = schema.sweep(targets=list(TARGETS), k_shot=20, probes=["ood_corrupted"])
   c.grid = [{"strategy": list(STRATEGIES)}]
   c.report.reference = FULL
   c.report.axis_labels = []

@@ -14,8 +14,8 @@ section is relative to full fine-tuning.
 """
 import ml_collections
 
-from experiments import _common
 from tlresearch.analysis import findings, report
+from tlresearch.core import schema
 
 GROUPS = ("stem", "stage1", "stage2", "stage3")
 TARGETS = {"input": "glyphs_input_shift", "feature": "glyphs_feature_shift",
@@ -23,7 +23,7 @@ TARGETS = {"input": "glyphs_input_shift", "feature": "glyphs_feature_shift",
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=list(TARGETS.values()), k_shot=20, pretrained_head=True)
+  c = schema.sweep(targets=list(TARGETS.values()), k_shot=20, pretrained_head=True)
   c.target = "glyphs_input_shift"
   c.grid = [{"strategy": [f"surgical:group={g}" for g in GROUPS] + ["linear_probe", "full"]}]
   c.report.reference = "full"

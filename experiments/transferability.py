@@ -25,9 +25,8 @@ import os
 import ml_collections
 import numpy as np
 
-from experiments import _common
 from tlresearch.analysis import findings, report, transferability as tr
-from tlresearch.core import io
+from tlresearch.core import io, schema
 
 TARGETS = ("glyphs_input_shift", "digits")
 # label -> (the grid axes that make the backbone, its probe row, its fine-tuned row)
@@ -48,7 +47,7 @@ ESTIMATORS = {"logme": "LogME", "leep": "LEEP", "nce": "NCE", "h_score": "H-scor
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = _common.sweep(targets=list(TARGETS), k_shot=20, probes=["transferability"])
+  c = schema.sweep(targets=list(TARGETS), k_shot=20, probes=["transferability"])
   c.grid = [{"strategy": list(rows), **{k: [v] for k, v in axes.items()}}
             for axes, rows in BACKBONES.values()]
   c.report.reference = "full"

@@ -9,7 +9,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import ml_collections
 import pytest
 
-from experiments import _common
+from tlresearch.core import schema
 from tlresearch.data import synthetic
 
 
@@ -24,11 +24,11 @@ def dataset():
 
 
 def tiny_model_cfg(**kw) -> ml_collections.ConfigDict:
-  return _common.model(**{"width": 4, **kw})
+  return schema.model(**{"width": 4, **kw})
 
 
 def tiny_train_cfg(**kw) -> ml_collections.ConfigDict:
-  t = _common.train(epochs=2, batch_size=16, lr=0.05, warmup_epochs=0.0)
+  t = schema.train(epochs=2, batch_size=16, lr=0.05, warmup_epochs=0.0)
   t.update(kw)
   return t
 

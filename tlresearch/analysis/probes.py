@@ -21,7 +21,7 @@ import numpy as np
 
 from tlresearch.analysis import transferability
 from tlresearch.core.errors import choices, UserError
-from tlresearch.data.builders import glyphs
+from tlresearch.data import corruptions
 from tlresearch.training import programs
 
 PROBES = ("ood_corrupted", "feature_change", "transferability")
@@ -31,7 +31,7 @@ CORRUPTION_SEED = 0  # one fixed corrupted test set per target
 def corrupted(x: np.ndarray, seed: int = CORRUPTION_SEED) -> np.ndarray:
   """A corrupted copy of uint8 images [N, H, W, 3]; same input and seed, same bytes."""
   images = np.asarray(x, np.float32) / 255.0
-  out = glyphs.corrupt_images(images, np.random.default_rng(seed))
+  out = corruptions.corrupt_images(images, np.random.default_rng(seed))
   return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 

@@ -64,7 +64,8 @@ def train(**overrides) -> ml_collections.ConfigDict:
   t.cache_frozen_prefix = True  # run a frozen prefix once per split instead of every step
   t.probe_solver = "lbfgs"     # a head trained alone on cached features: lbfgs solves it to
   #                              convergence with its L2 chosen on validation (the literature's
-  #                              probe; tlresearch.methods.probe); sgd trains it like any other stage
+  #                              probe; tlresearch.methods.probe); sgd trains it like any
+  #                              other stage
   t.compute_dtype = "float32"  # bfloat16: convolutions and matmuls in bf16 (accelerators);
   #                              params, optimizer state, BatchNorm statistics, loss stay fp32
   t.min_steps = 0              # raise the epoch budget to at least this many optimizer steps
@@ -184,10 +185,11 @@ def sweep(**overrides) -> ml_collections.ConfigDict:
   c.selection = selection()    # per-configuration lr / weight-decay selection on validation
   c.grid = []                  # blocks of axes, each crossed with targets x seeds
   c.report = report()          # table labels, reference row, metrics
-  c.report.metrics = ["test_accuracy", "test_macro_f1"]  # tables (tlresearch.analysis.report.METRIC_NAMES)
+  # The tables' metrics (tlresearch.analysis.report.METRIC_NAMES).
+  c.report.metrics = ["test_accuracy", "test_macro_f1"]
   c.checkpoint = checkpoint()  # per-cell progress saves, for kill and resume (operational)
-  # Processes that train cells at once (tlresearch.experiment.workers). 0 = auto: one per core on a CPU
-  # backend when there are >= 16 seed groups per worker to train, else this process alone (and
+  # Processes that train cells at once (tlresearch.experiment.workers). 0 = auto: one per
+  # core on a CPU backend when there are >= 16 seed groups per worker to train, else this process alone (and
   # always on GPU/TPU, where train.seeds_mode / data_parallel use the device); N: exactly N.
   # Operational: a cell's result is bitwise the same for any value.
   c.workers = 0

@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 
 from tlresearch import data as data_lib, models
 from tlresearch.analysis import probes
-from tlresearch.core import configs, io, timing
+from tlresearch.core import configs, io, schema, timing
 from tlresearch.core.errors import UserError
 from tlresearch.data import preprocess
 from tlresearch.deploy import recognizer
@@ -43,7 +43,7 @@ def identity_defaults() -> dict:
   were (`configs.pick`)."""
   return ({f"train.{k}": v for k, v in train.IDENTITY_DEFAULTS.items()}
           | {f"model.{k}": v for k, v in models.IDENTITY_DEFAULTS.items()}
-          | {"data.follow_external_links": False})
+          | {"data.follow_external_links": schema.data().follow_external_links})
 
 
 def identity(config) -> dict:

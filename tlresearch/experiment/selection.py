@@ -12,8 +12,9 @@ configuration is widened by one more value past that edge (the edge's own ratio,
 0.333 after 0.03, 0.1) and the choice is made again, up to `selection.widen` times. A winner
 still at an edge after that is flagged in the table.
 
-A configuration whose every stage is the converged probe (tlresearch.methods.probe: its L2 strength is
-chosen on validation by the solver itself, and it has no learning rate) runs no selection.
+A configuration whose every stage is the converged probe (tlresearch.methods.probe: its L2
+strength is chosen on validation by the solver itself, and it has no learning rate) runs no
+selection.
 
 Selection cells live in `<workdir>/selection/`, are skipped when finished, and are not part
 of the final tables; `selection.csv` beside the tables lists every candidate's score.

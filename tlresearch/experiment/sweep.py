@@ -41,8 +41,8 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   """Runs every unfinished cell of `config`'s grid and writes `results_dir/name/`.
 
   With `config.selection.enabled`, the selection cells run first and each configuration's
-  final cells use its selected values (tlresearch.experiment.selection). `findings`: the experiment's
-  claims and plots, written to findings.md; `command`: the command line that made them.
+  final cells use its selected values (tlresearch.experiment.selection). `findings`: the
+  experiment's claims and plots, written to findings.md; `command`: the command line that made them.
   With `num_tasks` > 1, runs only the configurations of task `task_index` (grid.shard) and
   writes no tables: `merge_grid` builds them once every task has finished.
   """

@@ -8,9 +8,9 @@ list can never silently leave something trainable.
 A strategy is one or more `Stage`s (multi-stage strategies such as LP-FT or gradual
 unfreezing are several, each with its own epoch budget, optimizer state and schedule), plus
 which backbone groups start from the pretrained weights. A stage may add a loss penalty or
-replace weight decay by one (tlresearch.methods.penalty: L2-SP, DELTA, BSS, LwF), and a strategy may
-end with a weight-space method (WiSE-FT, model soups; tlresearch.training.weight_space). Strategies are named
-by a spec string `name` or `name:key=value,...`, e.g. `partial:k=2`, `layer_decay:decay=0.7`,
+replace weight decay by one (tlresearch.methods.penalty: L2-SP, DELTA, BSS, LwF), and a
+strategy may end with a weight-space method (WiSE-FT, model soups;
+tlresearch.training.weight_space). Strategies are named by a spec string `name` or `name:key=value,...`, e.g. `partial:k=2`, `layer_decay:decay=0.7`,
 `surgical:group=stage1`, `l2_sp:alpha=0.01,beta=0.01`.
 """
 from __future__ import annotations
@@ -46,8 +46,8 @@ class Strategy:
   # Load only the first n groups from the checkpoint (the rest keep their random init);
   # None: every backbone group. The head is never loaded unless the cell asks for it.
   transfer_groups: int | None = None
-  # A weight-space method (tlresearch.training.weight_space): ("wise_ft", bn) interpolates between the
-  # last stage's starting and final weights; ("soup", lr multipliers, bn) averages
+  # A weight-space method (tlresearch.training.weight_space): ("wise_ft", bn) interpolates
+  # between the last stage's starting and final weights; ("soup", lr multipliers, bn) averages
   # fine-tunings of the stages at those multiples of the lr.
   weight_space: tuple = ()
 

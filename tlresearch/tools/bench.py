@@ -248,7 +248,8 @@ def _sweep(tmp: str, name: str, args: list[str], env: dict | None = None) -> flo
   entry = ["-m", "tlresearch.run"]
   if _BASELINE_FLAG in args:
     args = [a for a in args if a != _BASELINE_FLAG]
-    entry = ["-c", "import sys; from tlresearch.tools import bench; bench.baseline_main(sys.argv[1:])"]
+    entry = ["-c", "import sys; from tlresearch.tools import bench; "
+             "bench.baseline_main(sys.argv[1:])"]
   cmd = [sys.executable, *entry, "--experiment=finetune_sweep",
          f"--workdir={os.path.join(tmp, name, 'workdir')}",
          f"--results_dir={os.path.join(tmp, name, 'results')}", "--no_progress", "--overwrite",

@@ -135,8 +135,9 @@ def recompute_batch_stats(model, variables, x):
 
 def soup(model, starts, strategy, datas, cfg, keys, checkpointer, on_epoch, fit_fn) -> list:
   """Model soups (Wortsman et al. 2022): `strategy`'s stages fine-tuned once per lr
-  multiplier by `fit_fn` (train.fit's seeds loop), then averaged per seed; the greedy soup is
-  the result (`FitResult`), the uniform soup and every ingredient are in its record.
+  multiplier by `fit_fn` (train.fit without the soup's hook), then averaged per seed; the
+  greedy soup is the result (`FitResult`), the uniform soup and every ingredient are in its
+  record.
 
   Greedy soup: ingredients sorted by validation accuracy (then loss), each added when the
   soup's validation accuracy does not drop. Diverged ingredients are left out."""

@@ -51,6 +51,7 @@ import tensorflow_datasets as tfds
 
 from tlresearch.core.errors import choices, UserError
 from tlresearch.data.builders import FORMAT_VERSION, RELEASE_NOTES
+from tlresearch.data.corruptions import blur_matrix, corrupt_images, CORRUPTIONS, separable
 
 IMAGE_SIZE = 32
 SPLITS = ("train", "validation", "test")
@@ -74,8 +75,6 @@ HELDOUT_FONTS = (
     "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf",
 )
 
-CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "low_contrast", "pixelate",
-               "salt_and_pepper")
 
 _ROOT_SEED = 20_417
 _SOURCE_SIZES = {"train": 400, "validation": 50, "test": 50}
@@ -173,14 +172,6 @@ def _ink(font: str, char: str, pixels: float) -> np.ndarray:
   return image[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
 
 
-def _blur_matrix(n: int, sigma) -> np.ndarray:
-  """[..., n, n] Gaussian smoothing operators, one per sigma, rows renormalised so that
-  borders keep their level."""
-  d = np.arange(n)[:, None] - np.arange(n)[None, :]
-  k = np.exp(-0.5 * (d / np.asarray(sigma)[..., None, None]) ** 2)
-  return (k / k.sum(-1, keepdims=True)).astype(np.float32)
-
-
 @functools.lru_cache(maxsize=None)
 def _mask(font: str, char: str) -> np.ndarray:
   """The glyph's coverage, longer side = _GLYPH_BOX of the frame, centred on its ink."""
@@ -194,7 +185,7 @@ def _mask(font: str, char: str) -> np.ndarray:
   top, left = (_MASK_SIZE - h) // 2, (_MASK_SIZE - w) // 2
   mask[top:top + h, left:left + w] = ink[:h, :w]
   # The mask is sampled at half its resolution: prefilter so thin strokes do not alias.
-  blur = _blur_matrix(_MASK_SIZE, 0.8)
+  blur = blur_matrix(_MASK_SIZE, 0.8)
   return blur @ mask @ blur.T
 
 
@@ -256,15 +247,6 @@ def _sample_masks(bank: np.ndarray, glyph: np.ndarray, rng) -> np.ndarray:
   return top + (bottom - top) * fy
 
 
-def _separable(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-  """rows @ x @ cols.T for every image and channel; x [B, H, W, C], operators [H', H] and
-  [W', W], or one per image [B, H', H] and [B, W', W]."""
-  x = np.moveaxis(x, -1, 1)
-  rows = rows[:, None] if rows.ndim == 3 else rows
-  cols = cols[:, None] if cols.ndim == 3 else cols
-  return np.moveaxis(rows @ x @ np.swapaxes(cols, -1, -2), 1, -1)
-
-
 def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
   """[n_out, n_in] bilinear upsampling operator (pixel centres aligned, edges clamped)."""
   pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
@@ -291,7 +273,7 @@ def _colours_and_background(b: int, rng):
   kind = rng.integers(0, 3, b)  # 0 smooth noise, 1 gradient, 2 stripes
   grid = backdrop_colours(4, 4)
   up = _interp_matrix(s, 4)
-  noise = _separable(grid, up, up)
+  noise = separable(grid, up, up)
 
   ends = backdrop_colours(2)
   direction = rng.uniform(0, 2 * np.pi, b)
@@ -307,44 +289,6 @@ def _colours_and_background(b: int, rng):
   two_colour = ends[:, None, None, 0] + (ends[:, None, None, 1] - ends[:, None, None, 0]) * t
   background = np.where((kind == 0)[:, None, None, None], noise, two_colour)
   return glyph_colour, background
-
-
-def corrupt_images(images: np.ndarray, rng) -> np.ndarray:
-  """One of CORRUPTIONS per image, at high severity (images [B, S, S, 3] in [0, 1])."""
-  b, s = images.shape[0], images.shape[1]
-  kind = rng.integers(0, len(CORRUPTIONS), b)
-  out = images.copy()
-  for k, name in enumerate(CORRUPTIONS):
-    idx = np.flatnonzero(kind == k)
-    if idx.size == 0:
-      continue
-    x = images[idx]
-    n = idx.size
-    if name == "gaussian_noise":
-      sigma = rng.uniform(0.22, 0.3, (n, 1, 1, 1))
-      x = x + sigma.astype(np.float32) * rng.standard_normal(x.shape, np.float32)
-    elif name == "gaussian_blur":
-      kernel = _blur_matrix(s, rng.uniform(1.2, 1.6, n))
-      x = _separable(x, kernel, kernel)
-    elif name == "low_contrast":
-      factor = rng.uniform(0.12, 0.2, (n, 1, 1, 1)).astype(np.float32)
-      mean = x.mean(axis=(1, 2, 3), keepdims=True)
-      x = mean + factor * (x - mean)
-    elif name == "pixelate":
-      # Average 3x3 blocks (~11x11 effective resolution); the last row/column of blocks is
-      # 2 px wide.
-      block = np.minimum(np.arange(s) // 3, (s - 1) // 3)
-      m = np.zeros((block.max() + 1, s), np.float32)
-      m[block, np.arange(s)] = 1
-      m /= m.sum(1, keepdims=True)
-      x = _separable(x, m[block], m[block])
-    elif name == "salt_and_pepper":
-      amount = rng.uniform(0.15, 0.22, (n, 1, 1))
-      u = rng.random((n, s, s), np.float32)
-      x = np.where((u < amount / 2)[..., None], 0.0, x)
-      x = np.where((u > 1 - amount / 2)[..., None], 1.0, x)
-    out[idx] = x
-  return out
 
 
 def _render(bank, glyph: np.ndarray, corrupt: bool, rng) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Class halves for the layer-transfer experiment, and the pretraining cache key."""
 import numpy as np
 
-from experiments import _common
+from tlresearch.core import schema
 from tlresearch.data.loader import _subset, class_half
 from tlresearch.training import pretrain
 from tests.conftest import make_dataset
@@ -27,8 +27,8 @@ def test_subset_keeps_only_its_classes_relabelled():
 
 
 def test_pretrain_cache_key_includes_the_class_subset_but_not_operational_keys():
-  p = _common.pretrain()
-  operational = _common.pretrain()
+  p = schema.pretrain()
+  operational = schema.pretrain()
   operational.train.seeds_mode, operational.train.data_parallel = "vmap", False
   operational.train.new_switch = True  # a key added later, never listed: the key stays
   assert pretrain.cache_key(p) == pretrain.cache_key(operational)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import _common
+from tlresearch.core import schema
 from tlresearch import models
 from tlresearch.core.errors import UserError
 from tlresearch.data import preprocess
@@ -95,7 +95,7 @@ def _random_variables(model, size):
     ("resnet50", ("stem", "stage1", "stage2", "stage3", "stage4", "head"), {"width": 4}),
     ("mobilenet_v2", ("stem", "stage1", "stage2", "stage3", "stage4", "head"), {"alpha": 0.1})])
 def test_groups_are_top_level_params_and_any_slice_runs(family, groups, width):
-  cfg = _common.keras_model(family=family, input_size=32, **width)
+  cfg = schema.keras_model(family=family, input_size=32, **width)
   model = models.build(cfg, 3)
   v = _random_variables(model, 32)
   assert model.groups == groups == models.groups_of(cfg) and set(v["params"]) == set(groups)
@@ -109,7 +109,7 @@ def test_groups_are_top_level_params_and_any_slice_runs(family, groups, width):
 
 
 def test_vgg_keras_top_has_a_pretrained_fc_group():
-  cfg = _common.keras_model(width=4, input_size=32, top="keras")
+  cfg = schema.keras_model(width=4, input_size=32, top="keras")
   cfg.fc_features = 8
   model = models.build(cfg, 3)
   v = _random_variables(model, 32)
@@ -120,7 +120,7 @@ def test_vgg_keras_top_has_a_pretrained_fc_group():
 def test_missing_imagenet_weights_fail_fast_naming_the_file(tmp_path, monkeypatch):
   monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
   monkeypatch.setenv("TLRESEARCH_OFFLINE", "1")
-  cfg = _common.keras_model()
+  cfg = schema.keras_model()
   t0 = time.perf_counter()
   with pytest.raises(UserError) as err:
     models.check_pretrained(cfg)
@@ -140,7 +140,7 @@ def test_keras_weights_file_loads_through_keras(tmp_path):
   path = str(tmp_path / "vgg16.weights.h5")
   keras_model = _keras_model("vgg16", False, 32)
   keras_model.save_weights(path)
-  cfg = _common.keras_model(pretrained=f"keras:{path}", input_size=32)
+  cfg = schema.keras_model(pretrained=f"keras:{path}", input_size=32)
   loaded = models.load_pretrained(cfg)
   np.testing.assert_array_equal(loaded["params"]["block3"]["conv2"]["kernel"],
                                 keras_model.get_layer("block3_conv2").get_weights()[0])

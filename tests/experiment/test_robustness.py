@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_keep import _config as _folder_sweep_config
-from tests.test_keep import _folder
+from tests.deploy.test_keep import _config as _folder_sweep_config
+from tests.deploy.test_keep import _folder
 from tlresearch import data as data_lib
 from tlresearch.core import io
 from tlresearch.core.errors import UserError

@@ -12,7 +12,7 @@ from tlresearch.methods import strategies
 from tlresearch.training import hooks, programs, train
 from tests.conftest import tiny_model_cfg, tiny_train_cfg
 
-LOOP = pathlib.Path(__file__).resolve().parents[1] / "tlresearch" / "training" / "loop.py"
+LOOP = pathlib.Path(__file__).resolve().parents[2] / "tlresearch" / "training" / "loop.py"
 
 
 def _setup(spec="full"):

@@ -22,7 +22,7 @@ from tlresearch.methods import strategies
 from tlresearch.training import checkpoint, pretrain, train
 from tests.conftest import fit_one, tiny_model_cfg, tiny_train_cfg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _args(tmp_path, tag, *extra):
@@ -218,8 +218,8 @@ def test_checkpoint_of_another_config_is_ignored(dataset, tmp_path, caplog):
 
 def test_corrupted_pretrained_checkpoint_is_rebuilt_with_a_warning(tmp_path, monkeypatch,
                                                                   caplog):
-  from experiments import _common
-  pcfg = _common.pretrain()
+  from tlresearch.core import schema
+  pcfg = schema.pretrain()
   built = []
 
   def fake_train_source(pcfg, checkpointer=None):

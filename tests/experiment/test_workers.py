@@ -18,7 +18,7 @@ from tlresearch.core import timing
 from tlresearch.core.errors import UserError
 from tlresearch.experiment import cli as run, workers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_auto_uses_one_worker_per_core_only_for_enough_cpu_work():

@@ -15,7 +15,7 @@ from tlresearch.core import configs, io
 from tlresearch.experiment import cli as run, grid, selection
 from tlresearch.training import pretrain
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Byte for byte equal between one process and tasks + merge (timing.csv holds wall seconds).
 SAME_BYTES = ("runs.csv", "table.md", "table.tex")
 

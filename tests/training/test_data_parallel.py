@@ -23,7 +23,7 @@ from tlresearch.training import parallel, programs, train
 from tests.conftest import fit_one, make_dataset, tiny_model_cfg, tiny_train_cfg
 
 DEVICES = 4
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Evaluation splits of 18 examples: a chunk of 18 is padded to 20 to split over 4 devices.
 CASES = {"full": dict(strategy="full", batch_size=16, epochs=2),
          "partial": dict(strategy="partial:k=1", batch_size=16, epochs=2),
@@ -117,7 +117,7 @@ def runs(tmp_path_factory):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}"}
   proc = subprocess.Popen(
-      [sys.executable, "-c", f"from tests.test_data_parallel import _worker; _worker({out_dir!r})"],
+      [sys.executable, "-c", f"from tests.training.test_data_parallel import _worker; _worker({out_dir!r})"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     reference = {name: _fit(case, data_parallel=False, variables=variables)
@@ -186,8 +186,8 @@ def test_one_device_means_no_mesh_and_no_note():
 def test_data_parallel_switch_is_operational():
   # Finished cells and cached pretraining, made before the switch existed or under the
   # other value, stay valid: it changes only float summation order.
-  from experiments import _common
-  cfg = _common.sweep()
+  from tlresearch.core import schema
+  cfg = schema.sweep()
   before = cfg.to_dict()
   del before["train"]["data_parallel"], before["pretrain"]["train"]["data_parallel"]
   cfg.train.data_parallel = False

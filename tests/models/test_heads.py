@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import _common
+from tlresearch.core import schema
 from tlresearch import models
 from tlresearch.core.errors import UserError
 from tlresearch.experiment import cell
@@ -18,9 +18,9 @@ from tests.conftest import tiny_model_cfg
 MLP = {"pooling": "flatten", "hidden": [12, 6], "activation": "relu"}
 FAMILIES = [  # config, input size, shape of the last group's feature map
     (lambda: tiny_model_cfg(), 16, (2, 2, 16)),
-    (lambda: _common.keras_model(family="vgg16", width=4, input_size=32), 32, (1, 1, 32)),
-    (lambda: _common.keras_model(family="resnet50", width=4, input_size=32), 32, (1, 1, 128)),
-    (lambda: _common.keras_model(family="mobilenet_v2", alpha=0.1, input_size=32), 32,
+    (lambda: schema.keras_model(family="vgg16", width=4, input_size=32), 32, (1, 1, 32)),
+    (lambda: schema.keras_model(family="resnet50", width=4, input_size=32), 32, (1, 1, 128)),
+    (lambda: schema.keras_model(family="mobilenet_v2", alpha=0.1, input_size=32), 32,
      (1, 1, 1280)),
 ]
 
@@ -49,7 +49,7 @@ def test_mlp_head_is_one_group_with_flatten_hidden_layers_and_classifier(make, s
 def test_default_head_is_the_linear_head_and_leaves_identities_alone():
   assert {p.split("/")[1] for p in models.param_paths(tiny_model_cfg())
           if p.startswith("head/")} == {"dense"}
-  full = _common.sweep()
+  full = schema.sweep()
   old = full.to_dict()
   del old["model"]["head"], old["pretrain"]["model"]["head"]  # a config from before the key
   assert cell.identity(old) == cell.identity(full)
@@ -82,8 +82,8 @@ def test_mlp_head_is_trained_not_solved_as_a_probe():
   mlp = models.build(cfg, 3)
   stage = strategies.get("linear_probe", linear.groups).stages[0]
   paths = models.param_paths(tiny_model_cfg())
-  assert train.solves_probe(linear, stage, paths, _common.train())
-  assert not train.solves_probe(mlp, stage, models.param_paths(cfg), _common.train())
+  assert train.solves_probe(linear, stage, paths, schema.train())
+  assert not train.solves_probe(mlp, stage, models.param_paths(cfg), schema.train())
 
 
 @pytest.mark.parametrize("head, message", [
@@ -101,18 +101,18 @@ def test_bad_head_values_are_one_line_errors(head, message):
 
 
 def test_keras_own_top_and_a_pretrained_head_need_the_default_head():
-  cfg = _common.keras_model(width=4, input_size=32, top="keras")
+  cfg = schema.keras_model(width=4, input_size=32, top="keras")
   cfg.head.hidden = [8]
   with pytest.raises(UserError, match="model.head applies to model.top='linear' only"):
     models.build(cfg, 3)
-  c = _common.sweep(pretrained_head=True)
+  c = schema.sweep(pretrained_head=True)
   c.model.head.hidden = [8]
   with pytest.raises(UserError, match="pretrained_head=True loads the source's linear head"):
     cell.check(c)
 
 
 def test_a_config_can_switch_family_keeping_other_families_defaults():
-  cfg = _common.keras_model(family="vgg16")
+  cfg = schema.keras_model(family="vgg16")
   cfg.family, cfg.pretrained, cfg.width, cfg.input_size = "resnet", "", 4, 32
   models.build(cfg, 3)  # top="linear" and alpha=1.0 (Keras defaults) are ignored
   cfg.top = "keras"

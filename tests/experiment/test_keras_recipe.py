@@ -107,7 +107,7 @@ def test_the_documented_smoke_override_runs_the_recipe_on_a_folder(tmp_path):
   """experiments/keras_recipe.py's CPU smoke override, on a generated folder (the source
   backbone pretrained on mocked glyphs, 1 epoch): table, per-class reports, a kept model."""
   import tensorflow_datasets as tfds
-  from tests.test_keep import _folder
+  from tests.deploy.test_keep import _folder
   from tlresearch.experiment import cli as run
   root = _folder(tmp_path / "imgs")
   args = ["--experiment=keras_recipe", f"--workdir={tmp_path / 'work'}",

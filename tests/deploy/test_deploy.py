@@ -22,7 +22,7 @@ from tlresearch.training import checkpoint
 
 SIZE, CLASSES = 16, ("cat", "dog", "eel")
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = 1e-5
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from experiments import _common
+from tlresearch.core import schema
 from tlresearch.analysis import findings
 from tlresearch.core.errors import UserError
 from tlresearch.experiment import cell as cell_lib, grid, selection
@@ -106,7 +106,7 @@ def test_evidence_follows_the_metric_definition():
 
 
 def _sel_config():
-  c = _common.sweep(targets=["digits"], seeds=[0, 1])
+  c = schema.sweep(targets=["digits"], seeds=[0, 1])
   c.grid = [{"strategy": ["linear_probe", "full"]}]
   c.selection.lr = [0.01, 0.1]
   c.selection.weight_decay = [0.0, 5e-4]
@@ -145,7 +145,7 @@ def test_selection_expands_chooses_on_validation_and_applies():
   assert by[("full", 0)].config.train.weight_decay == 5e-4
   assert [c.id for c in final] == [c.id for c in cells]  # ids and axes unchanged
   assert outcome.cells == len(sel) and len(outcome.table.splitlines()) == len(sel) + 1
-  off = _common.sweep(selection=_common.selection(False))
+  off = schema.sweep(selection=schema.selection(False))
   assert selection.first_round(off, cells) == [] and selection.run(off, cells, None)[1] is None
   config.grid = [{"strategy": ["full"], "train.lr": [0.1]}]
   with pytest.raises(UserError, match="remove them from config.grid"):
