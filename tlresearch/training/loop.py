@@ -43,8 +43,8 @@ def fit_seeds(model, starts, strategy, datas, cfg, keys, checkpointer, on_epoch,
   if len(datas) > 1 and mode == "vmap":
     if len(shapes) == 1:
       lanes = programs.Stacked(len(datas), cfg.compute_dtype)
-      return _fit_resuming(FitRun(lanes, model, strategy, datas, cfg, keys, indices, on_epoch,
-                                  hooks), starts, checkpointer)
+      return _fit_resuming(lambda: FitRun(lanes, model, strategy, datas, cfg, keys, indices,
+                                          on_epoch, hooks), indices, starts, checkpointer)
     log.info("training %d seeds one by one: their splits differ in size", len(datas))
   out = []
   for i in indices:
@@ -53,24 +53,24 @@ def fit_seeds(model, starts, strategy, datas, cfg, keys, checkpointer, on_epoch,
     if mesh is not None:
       log.info("data parallel over %d devices", mesh.size)
     lanes = programs.Single(mesh, cfg.compute_dtype)
-    run = FitRun(lanes, model, strategy, [datas[i]], cfg, [keys[i]], [i], on_epoch, hooks,
-                 [note] if note else [])
-    out += _fit_resuming(run, [starts[i]], checkpointer)
+    out += _fit_resuming(lambda lanes=lanes, i=i, note=note: FitRun(
+        lanes, model, strategy, [datas[i]], cfg, [keys[i]], [i], on_epoch, hooks,
+        [note] if note else []), [i], [starts[i]], checkpointer)
   return out
 
 
-def _fit_resuming(run: "FitRun", starts, checkpointer) -> list[FitResult]:
-  """`run` from its newest checkpoint, or from the start when there is none or it is
-  damaged (logged: those seeds then start from scratch)."""
-  run.ckpt = checkpointer(run.indices) if checkpointer is not None else None
-  resume = run.ckpt.peek() if run.ckpt is not None else None
+def _fit_resuming(new_run, indices, starts, checkpointer) -> list[FitResult]:
+  """A run (`new_run()`) from its newest checkpoint, or from the start when there is none or
+  it is damaged (logged: those seeds then start from scratch, in a fresh run)."""
+  ckpt = checkpointer(indices) if checkpointer is not None else None
+  resume = ckpt.peek() if ckpt is not None else None
   if resume is not None:
     try:
-      return run.copy().run(starts, resume)
+      return new_run().run(starts, resume, ckpt)
     except CheckpointError as e:
       log.warning("%s; restarting this run from scratch", e)
-      run.ckpt.clear()
-  return run.run(starts, None)
+      ckpt.clear()
+  return new_run().run(starts, None, ckpt)
 
 
 def _first_nonfinite(losses) -> int:
@@ -95,7 +95,6 @@ class FitRun:
                notes=()):
     self.lanes, self.model, self.strategy, self.cfg = lanes, model, strategy, cfg
     self.datas, self.indices, self.on_epoch, self.hooks = datas, indices, on_epoch, hooks
-    self._args = (lanes, model, strategy, datas, cfg, keys, indices, on_epoch, hooks, notes)
     self.ckpt = None
     self.seeds = [SeedLedger(notes=list(notes)) for _ in datas]
     self.data = {s: lanes.stack([getattr(d, s) for d in datas]) for s in SPLITS}
@@ -108,17 +107,12 @@ class FitRun:
     self.epochs_done = 0
     self.splits, self.start = None, None  # the last planned stage's inputs and start group
 
-  def copy(self) -> "FitRun":
-    """A fresh run with the same arguments and checkpointer."""
-    run = FitRun(*self._args)
-    run.ckpt = self.ckpt
-    return run
-
   def live(self) -> list[int]:
     return [s for s, r in enumerate(self.seeds) if r.diverged is None]
 
-  def run(self, starts, resume) -> list[FitResult]:
+  def run(self, starts, resume, ckpt=None) -> list[FitResult]:
     t_start = time.perf_counter()
+    self.ckpt = ckpt
     lanes = self.lanes
     if resume is not None:
       log.info("resuming from %s (%d epochs done)", resume["path"], resume["epochs_done"])
@@ -137,24 +131,24 @@ class FitRun:
         continue  # a diverged seed runs no later stage
       if resume is not None and stage_index < resume["stage"]:
         continue  # finished before the interruption; the checkpoint holds what it produced
-      variables, trained_from = self._stage(stage, stage_index, n_epochs, variables, extras,
-                                            resume)
-      if trained_from is not None:
-        stage_start, resume = trained_from.get("start"), None
+      variables, trained, start = self._stage(stage, stage_index, n_epochs, variables,
+                                              extras, resume)
+      if trained:
+        stage_start, resume = start, None
     variables = self._finish(variables, stage_start)
     seconds = time.perf_counter() - t_start
     return [r.result(v, seconds) for v, r in zip(lanes.unstack(variables), self.seeds)]
 
   def _stage(self, stage, stage_index, n_epochs, variables, extras, resume):
-    """Plans and runs one stage: (its variables, {'start': its starting weights kept for
-    `after_stages`} if the optimizer trained it, else None)."""
+    """Plans and runs one stage: (its variables, whether the optimizer trained it, its
+    starting weights where a hook keeps them for `after_stages`, else None)."""
     live = self.live()
     spec, inputs = stage_spec(self.model, stage, {**variables, **extras}, self.cfg, self.n,
                               n_epochs, mesh=self.lanes.mesh)
     for hook in self.hooks:
       solved = hook.solve(self, stage, spec, variables, live)
       if solved is not None:
-        return solved, None
+        return solved, False, None
     inputs = self.lanes.per_seed_inputs(inputs)
     for hook in self.hooks:  # before a restore: the checkpoint's tree has what they add
       inputs = hook.stage_inputs(self, stage, spec, variables, inputs)
@@ -180,7 +174,7 @@ class FitRun:
                                        stage_index, first_epoch, n_epochs, start)
     variables = self._end_stage(state, best_weights, live)
     self._test(variables, [s for s in live if self.seeds[s].diverged is not None])
-    return variables, {"start": start}
+    return variables, True, start
 
   def _restore(self, resume, state, best_weights, inputs, start):
     tree = self.ckpt.restore(resume, _progress_tree(state, best_weights, inputs["anchor"],
