@@ -9,8 +9,13 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import ml_collections
 import pytest
 
-from tlresearch.core import schema
+from tlresearch.core import layout, schema
 from tlresearch.data import synthetic
+
+# The tests train in the default execution layout (one thread per process), as the command's
+# own process and its workers do: a result in this process is bitwise a worker's. Under
+# pytest-xdist each test process holds a core of its own.
+layout.pin(schema.sweep().threads, slot=int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]))
 
 
 def make_dataset(n_train=48, n_val=16, n_test=16, classes=4, seed=0, size=16):

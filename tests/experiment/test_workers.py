@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tlresearch.core import timing
+from tlresearch.core import layout, timing
 from tlresearch.core.errors import UserError
 from tlresearch.experiment import cli as run, workers
 
@@ -22,8 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_auto_uses_one_worker_per_core_only_for_enough_cpu_work():
-  cores = len(os.sched_getaffinity(0))
-  assert workers.count(0, 1000, "cpu", False) == max(1, min(cores, 1000 // 16))
+  cores = len(layout.cores())
+  assert workers.count(0, 1000, "cpu", False) == max(1, min(cores, 1000 // workers.MIN_GROUPS_PER_WORKER))
   assert workers.count(0, 1000, "gpu", False) == 1
   assert workers.count(0, 1000, "cpu", True) == 1  # mocked data lives in this process only
   assert workers.count(0, 3, "cpu", False) == 1

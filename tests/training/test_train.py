@@ -147,6 +147,24 @@ def test_early_stopping_restores_best_epoch_weights():
   assert any(not np.array_equal(got[p], v) for p, v in _flat(snapshots[ran]).items())
 
 
+@pytest.mark.parametrize("early_stopping", [True, False])
+def test_final_validation_is_the_returned_weights_own(early_stopping):
+  # The final validation metrics come from the epoch whose weights are returned (no second
+  # pass): they must equal a fresh evaluation of those weights, bit for bit.
+  ds = make_dataset(n_train=64, n_val=32)
+  ds = dataclasses.replace(ds, val_y=(ds.val_y + 1) % ds.num_classes)  # an early best epoch
+  model, variables, strategy = _setup("full")
+  cfg = tiny_train_cfg(epochs=6, lr=0.2)
+  cfg.early_stopping.enabled = early_stopping
+  cfg.early_stopping.patience = 2
+  out = fit_one(model, variables, strategy, ds, cfg, train.CellKeys.from_seed(0))
+  fresh, _ = programs.evaluate(model, out.variables, jnp.asarray(ds.val_x),
+                               jnp.asarray(ds.val_y))
+  assert out.val == fresh
+  # with early stopping the best epoch's weights come back, without it the last epoch's
+  assert (out.epochs_run < 6) == early_stopping and out.best_epoch < 6
+
+
 def test_same_seed_same_result_across_runs(dataset):
   model, variables, strategy = _setup("full")
   cfg = tiny_train_cfg(epochs=1)

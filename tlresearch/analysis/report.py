@@ -13,7 +13,7 @@ import math
 import os
 
 from tlresearch.analysis import stats
-from tlresearch.core import configs, io
+from tlresearch.core import configs, io, layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def metric_of(key: str) -> Metric:
 RUN_COLUMNS = ("status", "test_accuracy", "test_macro_f1", "val_accuracy", "ood_test_accuracy",
                "feature_change", "lr", "weight_decay", "probe_l2", "best_epoch", "epochs_run",
                "budget_limited", "trainable_params")
-TIMING_COLUMNS = ("wall_seconds", "compile_seconds")
+TIMING_COLUMNS = ("wall_seconds", "compile_seconds", "layout")
 
 
 def _run_value(f: dict, column: str):
@@ -72,6 +72,8 @@ def _run_value(f: dict, column: str):
     return (f.get("probe") or {}).get("l2")
   if column == "budget_limited":
     return int(f[column]) if column in f else None
+  if column == "layout":
+    return layout.describe(f.get("layout"))
   return f.get(column)
 
 
@@ -247,13 +249,29 @@ def table_markdown(finals, axes, labels: dict, title: str, reference: tuple | No
                for c in cols]
       out.append("| " + " | ".join([_fmt_value(v) for v in key] + texts + [params] + hp) + " |")
     out.append("")
-  out += _legend(finals, show_hparams, at_edge)
+  out += _legend(finals, show_hparams, at_edge) + layout_note(finals)
   for metric in metrics:
     out += stats_section(finals, axes, labels, metric)
   if reference is not None:
     for metric in metrics:
       out += paired_section(finals, axes, labels, reference, metric)
   return "\n".join(out)
+
+
+def layouts(finals) -> list[str]:
+  """The execution layouts the cells ran in (tlresearch.core.layout), most frequent first."""
+  import collections
+  counts = collections.Counter(layout.describe(f.get("layout")) for f in finals)
+  return [name for name, _ in counts.most_common()]
+
+
+def layout_note(finals) -> list[str]:
+  """Where the numbers reproduce bitwise: the one execution layout, or the mix."""
+  found = layouts(finals)
+  if len(found) == 1:
+    return [f"Execution layout: {found[0]} (the numbers reproduce bitwise in it).", ""]
+  return [f"The cells ran in {len(found)} execution layouts ({'; '.join(found)}): each "
+          "reproduces bitwise only in its own (timing.csv, column layout).", ""]
 
 
 def _legend(finals, show_hparams: bool, at_edge) -> list[str]:

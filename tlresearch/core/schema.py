@@ -189,10 +189,15 @@ def sweep(**overrides) -> ml_collections.ConfigDict:
   c.report.metrics = ["test_accuracy", "test_macro_f1"]
   c.checkpoint = checkpoint()  # per-cell progress saves, for kill and resume (operational)
   # Processes that train cells at once (tlresearch.experiment.workers). 0 = auto: one per
-  # core on a CPU backend when there are >= 16 seed groups per worker to train, else this process alone (and
-  # always on GPU/TPU, where train.seeds_mode / data_parallel use the device); N: exactly N.
-  # Operational: a cell's result is bitwise the same for any value.
+  # core on a CPU backend when there are >= 4 seed groups per worker to train, else this
+  # process alone (and always on GPU/TPU, where train.seeds_mode / data_parallel use the
+  # device); N: exactly N. Operational: a cell's result is bitwise the same for any value.
   c.workers = 0
+  # CPU threads per training process (tlresearch.core.layout): 1 = each process held to one
+  # core (the fastest layout on small convolutions); 0 = every core in one XLA pool. Part of
+  # the execution layout: results are bitwise the same for the same value, and each cell
+  # records the layout it ran in (final.json, timing.csv).
+  c.threads = 1
   # Which trained models are kept for export and predict (tlresearch.deploy.recognizer): "none";
   # "best": per target, the best configuration by mean validation accuracy, its best seed;
   # "all": every final cell's. Operational: it never changes a cell's result.

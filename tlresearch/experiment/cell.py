@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 
 from tlresearch import data as data_lib, models
 from tlresearch.analysis import probes
-from tlresearch.core import configs, io, schema, timing
+from tlresearch.core import configs, io, layout, schema, timing
 from tlresearch.core.errors import UserError
 from tlresearch.data import preprocess
 from tlresearch.deploy import recognizer
@@ -224,7 +224,7 @@ def run(cells, cell_dirs, pretrained: dict | None) -> list[dict]:
   """Trains cells that differ only in seed (one cell is the common case) with one
   `train.fit`, and writes config.json, metrics.jsonl and final.json to each cell's folder.
   Returns the final.json records; compile_seconds and wall_seconds are each cell's equal
-  share of the group's."""
+  share of the group's, layout the process's execution layout (tlresearch.core.layout)."""
   t0 = time.perf_counter()
   cfgs = [c.config for c in cells]
   with programs.compile_clock() as clock:
@@ -250,7 +250,7 @@ def run(cells, cell_dirs, pretrained: dict | None) -> list[dict]:
       finals = [final_record(c, ds, rep, model, strategy, v, r, source)
                 for c, ds, rep, v, r in zip(cells, datas, data_reports, starts, results)]
   share = {"compile_seconds": clock.seconds / len(cells),
-           "wall_seconds": (time.perf_counter() - t0) / len(cells)}
+           "wall_seconds": (time.perf_counter() - t0) / len(cells), "layout": layout.current()}
   with timing.phase("files"):
     for c, ds, cell_dir, result, final in zip(cells, datas, cell_dirs, results, finals):
       final.update(share)

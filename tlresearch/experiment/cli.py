@@ -213,6 +213,9 @@ def main(argv: list[str]) -> int:
   if merge and overwrite:
     raise UserError("--merge trains nothing, so --overwrite does not apply: drop one of them")
   # Heavy imports (jax, tensorflow) only once the command line is known to be valid.
+  from tlresearch.core import layout
+  layout.check(config.threads)
+  layout.pin(config.threads)  # this process trains in the layout its workers do
   from tlresearch.training import parallel
   parallel.initialize_distributed_from_env()  # TLRESEARCH_DISTRIBUTED=1: multi-host JAX
   from tlresearch.experiment import sweep

@@ -18,7 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tlresearch import data as data_lib, models
 from tlresearch.analysis import findings as findings_lib, report
-from tlresearch.core import configs, io, timing
+from tlresearch.core import configs, io, layout, timing
 from tlresearch.core.errors import UserError
 from tlresearch.deploy import recognizer
 from tlresearch.experiment import cell as cell_lib, grid, selection, workers
@@ -60,6 +60,7 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
     mine = grid.shard(cells, task_index, num_tasks)
     sel_mine = selection.first_round(config, mine)
   workers.check(config.workers)
+  layout.check(config.threads)
   enable_compile_cache(config.cache_dir or None)
   with CellRunner(config, progress) as runner:
     # Worker processes start while this one checks: their imports overlap the checks.
@@ -250,6 +251,7 @@ class CellRunner:
     self.print_reports = bool(config.report.classification_reports)
     self.progress = progress
     self.setting = config.workers
+    self.threads = config.threads
     self.backbones = cell_lib.Backbones()
     self.pool = None
     self.workers = 1  # the most processes that trained at once
@@ -262,7 +264,7 @@ class CellRunner:
       n = workers.count(self.setting, pending_cells, jax.default_backend(), data_lib.mocked())
       if n > 1:
         log.info("training on %d worker processes", n)
-        self.pool = workers.Pool(n)
+        self.pool = workers.Pool(n, self.threads)
         self.workers = n
 
   def retrain(self, cell, cell_dir: str) -> dict:

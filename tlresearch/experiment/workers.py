@@ -4,11 +4,11 @@ Why processes: XLA:CPU gains little from its own intra-op threads on these small
 convolutions, so one process leaves part of a 2-core machine idle; two processes training
 different cells keep both cores busy (docs/performance.md has the measurements).
 
-Why a cell's result is bitwise the same as in a sweep run in one process: a worker is an
-ordinary process on the same machine, so JAX sizes its CPU thread pool as the sweep's own
-process does, and XLA:CPU's convolutions split their sums by that size. Workers are not bound
-to one core each: a process with fewer pool threads computes different float bits, and binding
-a worker's threads to one core after the pool exists measured no faster.
+Why a cell's result is bitwise the same whichever process trains it: every training process
+computes in the same layout (`config.threads`, tlresearch.core.layout). With the default of one
+thread, worker i is held to the i-th core before its backend starts, as the sweep's own process
+is held to the first; with threads=0 each process has XLA's pool over every core, as the sweep's
+own process has.
 
 A worker gets whole seed groups (`cell.run`), writes their cell folders itself and sends
 back the final.json records and its timing ledger; its log records go through the parent's
@@ -26,7 +26,7 @@ import queue as queue_lib
 import signal
 import traceback
 
-from tlresearch.core import timing
+from tlresearch.core import layout, timing
 from tlresearch.core.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # A worker costs ~5 s to start (imports, backbone and data loads) and compiles its own programs
 # (~0.2 s each): with fewer seed groups than this per worker to train, auto trains in the
 # sweep's own process.
-MIN_GROUPS_PER_WORKER = 16
+MIN_GROUPS_PER_WORKER = 4
 AUTO = 0
 
 
@@ -43,7 +43,7 @@ def count(setting: int, pending_groups: int, backend: str, mocked: bool) -> int:
   0 (auto) is one per core on a CPU backend when there is enough work, else none. Returns 1
   for "train in this process"."""
   if setting == AUTO:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(layout.cores())
     if backend != "cpu" or mocked or cores < 2:
       return 1
     return max(1, min(cores, pending_groups // MIN_GROUPS_PER_WORKER))
@@ -65,7 +65,7 @@ def check(setting) -> None:
 class Pool:
   """`n` worker processes; `run` trains seed groups on them, longest first."""
 
-  def __init__(self, n: int):
+  def __init__(self, n: int, threads: int):
     import jax
     ctx = multiprocessing.get_context("spawn")  # never fork a process that has started JAX
     self._results = ctx.Queue()
@@ -78,7 +78,8 @@ class Pool:
     for i in range(n):
       inbox = ctx.Queue()
       proc = ctx.Process(target=_serve, daemon=True, name=f"tlresearch-worker-{i}",
-                         args=(i, inbox, self._results, self._logs, cache, level))
+                         args=(i, inbox, self._results, self._logs, cache, level,
+                                 (threads, layout.cores())))
       proc.start()
       self._inboxes.append(inbox)
       self._procs.append(proc)
@@ -167,8 +168,10 @@ def _die_with_parent() -> None:
     os._exit(1)
 
 
-def _serve(index, inbox, results, logs, compile_cache, level) -> None:
+def _serve(index, inbox, results, logs, compile_cache, level, threads_and_cores) -> None:
   _die_with_parent()
+  threads, machine = threads_and_cores
+  layout.pin(threads, slot=index, machine=machine)  # before anything computes
   # Ctrl-C reaches the whole process group; the sweep's process handles it and stops us.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   logger = logging.getLogger("tlresearch")

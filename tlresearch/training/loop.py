@@ -106,6 +106,9 @@ class FitRun:
     self.keeps_start = any(h.keeps_stage_start for h in hooks)
     self.epochs_done = 0
     self.splits, self.start = None, None  # the last planned stage's inputs and start group
+    # seed -> the history record whose weights the last stage ended with: its validation
+    # metrics are the final ones, so the final pass does not evaluate them again.
+    self.val_known = {}
 
   def live(self) -> list[int]:
     return [s for s, r in enumerate(self.seeds) if r.diverged is None]
@@ -143,6 +146,7 @@ class FitRun:
     """Plans and runs one stage: (its variables, whether the optimizer trained it, its
     starting weights where a hook keeps them for `after_stages`, else None)."""
     live = self.live()
+    self.val_known = {}
     spec, inputs = stage_spec(self.model, stage, {**variables, **extras}, self.cfg, self.n,
                               n_epochs, mesh=self.lanes.mesh)
     for hook in self.hooks:
@@ -282,6 +286,8 @@ class FitRun:
       best = r.stop.stage_best_epoch
       use_best[s] = self.cfg.early_stopping.enabled and best is not None and r.diverged is None
       r.best_epoch = best if best is not None else len(r.history)
+      if r.diverged is None:
+        self.val_known[s] = r.history[r.best_epoch - 1 if use_best[s] else -1]
     params, stats = self.lanes.select(use_best, best_weights, (state.params, state.batch_stats))
     return {"params": params, "batch_stats": stats}
 
@@ -289,8 +295,10 @@ class FitRun:
     """The hooks' combination of the trained weights, then the final validation and test
     metrics of every seed not yet evaluated."""
     for hook in self.hooks:
-      variables = hook.after_stages(self, stage_start, variables, self.splits, self.start,
-                                    self.live())
+      combined = hook.after_stages(self, stage_start, variables, self.splits, self.start,
+                                   self.live())
+      if combined is not variables:  # other weights than any epoch's: validate them again
+        variables, self.val_known = combined, {}
     self._test(variables, [s for s, r in enumerate(self.seeds) if r.test is None])
     return variables
 
@@ -300,13 +308,17 @@ class FitRun:
     the backbone)."""
     if not which:
       return
+    known = all(s in self.val_known for s in which)
     with timing.phase("eval"):
-      val, _ = self.lanes.evaluate(self.model, variables, self.splits["val"],
-                                   self.data["val_y"], self.start)
+      if not known:
+        val, _ = self.lanes.evaluate(self.model, variables, self.splits["val"],
+                                     self.data["val_y"], self.start)
       test, pred = self.lanes.evaluate(self.model, variables, self.splits["test"],
                                        self.data["test_y"], self.start)
     for s in which:
       r = self.seeds[s]
-      r.val = {k: float(v[s]) for k, v in val.items()}
+      r.val = ({"loss": self.val_known[s]["val_loss"],
+                "accuracy": self.val_known[s]["val_accuracy"]} if known
+               else {k: float(v[s]) for k, v in val.items()})
       r.test = {k: float(v[s]) for k, v in test.items()}
       r.pred = pred[s]

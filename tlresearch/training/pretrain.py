@@ -15,7 +15,7 @@ import ml_collections
 from sklearn import metrics as skm
 
 from tlresearch import data as data_lib, models
-from tlresearch.core import configs, io
+from tlresearch.core import configs, io, layout
 from tlresearch.methods import strategies
 from tlresearch.training import checkpoint, programs, train
 
@@ -84,7 +84,8 @@ def train_source(pcfg, checkpointer=None) -> tuple[dict, dict]:
              "test_macro_f1": float(skm.f1_score(ds.test_y, result.test_predictions,
                                                  average="macro")),
              "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
-             "seconds": time.perf_counter() - t0, "history": result.history}
+             "seconds": time.perf_counter() - t0, "layout": layout.current(),
+             "history": result.history}
   return jax.device_get(result.variables), summary
 
 
