@@ -162,8 +162,8 @@ def test_tiny_sweep_on_an_image_folder(tmp_path):
     summary = sweep.run_grid(config, "folder_sweep", str(tmp_path / "work"),
                              str(tmp_path / "results"), progress=False)
   assert summary["cells"] == 2
-  for cell in (c for c in os.listdir(tmp_path / "work") if not c.startswith(".")):
-    final = _read_json(tmp_path / "work" / cell / "final.json")
+  for cell in os.listdir(tmp_path / "work" / "cells"):
+    final = _read_json(tmp_path / "work" / "cells" / cell / "final.json")
     assert final["status"] == "ok" and final["train_examples"] == 12
     assert final["skipped_files"]["count"] == 2
     assert {os.path.basename(p) for p in final["skipped_files"]["first"]} == {"broken.jpg",
@@ -187,8 +187,8 @@ def test_tiny_sweep_on_tfds_cifar10_with_keras_vgg16(tmp_path):
           "--config.grid=[{'strategy': ['linear_probe', 'partial:k=1']}]"]
   with tfds.testing.mock_data(num_examples=20):
     assert run.main(args) == 0
-  finals = [_read_json(tmp_path / "work" / c / "final.json")
-            for c in os.listdir(tmp_path / "work") if not c.startswith(".")]
+  finals = [_read_json(tmp_path / "work" / "cells" / c / "final.json")
+            for c in os.listdir(tmp_path / "work" / "cells")]
   assert sorted(f["strategy"] for f in finals) == ["linear_probe", "partial:k=1"]
   probe = next(f for f in finals if f["strategy"] == "linear_probe")
   assert probe["trainable_params"] == 512 * 10 + 10 and probe["cached_prefix"]

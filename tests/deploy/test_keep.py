@@ -47,16 +47,19 @@ def _run(tmp_path, c, **kw):
 
 
 def _kept(tmp_path):
-  return sorted(d for d in os.listdir(tmp_path / "work")
-                if recognizer.has_model(str(tmp_path / "work" / d)))
+  """The cell ids of the store's folders that hold a kept model."""
+  cells = tmp_path / "work" / "cells"
+  return sorted(json.loads((cells / d / "config.json").read_text())["cell_id"]
+                for d in os.listdir(cells) if recognizer.has_model(str(cells / d)))
 
 
 def _finals(tmp_path):
   out = {}
-  for d in os.listdir(tmp_path / "work"):
-    p = tmp_path / "work" / d / "final.json"
+  for d in os.listdir(tmp_path / "work" / "cells"):
+    p = tmp_path / "work" / "cells" / d / "final.json"
     if p.exists():
-      out[d] = json.loads(p.read_text())
+      final = json.loads(p.read_text())
+      out[final["cell_id"]] = final
   return out
 
 
@@ -72,7 +75,7 @@ def test_best_keeps_the_best_configurations_best_seed_with_its_card(tmp_path):
                     key=lambda fs: np.mean([f["val_accuracy"] for f in fs]))
   want = max(sorted(best_config, key=lambda f: f["seed"]), key=lambda f: f["val_accuracy"])
   assert _kept(tmp_path) == [want["cell_id"]]
-  record = json.loads((tmp_path / "work" / "kept_models.json").read_text())
+  record = json.loads((tmp_path / "work" / "kept" / "keep.json").read_text())
   (target,) = record["best"]
   assert record["best"][target]["cell_id"] == want["cell_id"]
   # The card round trip: what the model is, how to feed it, how it scored.
@@ -109,9 +112,9 @@ def test_best_keeps_the_best_configurations_best_seed_with_its_card(tmp_path):
 def test_all_keeps_every_final_cell_and_none_keeps_nothing(tmp_path):
   _run(tmp_path, _config(tmp_path, "all"))
   assert len(_kept(tmp_path)) == 4
-  assert not os.path.exists(tmp_path / "work" / "selection")
+  assert len(os.listdir(tmp_path / "work" / "cells")) == 4  # no selection cells
   _run(tmp_path, _config(tmp_path, "none"), overwrite=True)
-  assert _kept(tmp_path) == [] and not (tmp_path / "work" / "kept_models.json").exists()
+  assert _kept(tmp_path) == [] and not (tmp_path / "work" / "kept" / "keep.json").exists()
 
 
 @pytest.mark.slow

@@ -88,11 +88,12 @@ def test_tiny_sweep_end_to_end_writes_tables(tmp_path, capsys):
   assert "± " in table
   for name in ("table.tex", "accuracy.png"):
     assert (out_dir / name).stat().st_size > 0
-  cells = [c for c in os.listdir(tmp_path / "work") if not c.startswith(".")]
+  cells = os.listdir(tmp_path / "work" / "cells")
   assert len(cells) == 20
   for c in cells:
     # A finished cell keeps its record, not its training checkpoints.
-    assert set(os.listdir(tmp_path / "work" / c)) == {"config.json", "metrics.jsonl", "final.json"}
+    assert set(os.listdir(tmp_path / "work" / "cells" / c)) == {"config.json", "metrics.jsonl",
+                                                               "final.json"}
   # The pretrained backbone was built once and cached; a rerun reuses cells and checkpoint.
   built = [p for p in os.listdir(tmp_path / "cache" / "pretrained") if not p.endswith(".lock")]
   assert len(built) == 1
@@ -142,7 +143,8 @@ def test_experiment_with_selection_probes_and_findings(tmp_path):
   assert "Kumar" in md and "--experiment=lp_ft" in md
   # Two seeds are too few for any verdict.
   assert "Overall verdict: **inconclusive**" in md
-  assert (tmp_path / "work" / "selection").is_dir()
+  # the selection cells are in the store beside the final ones
+  assert len(os.listdir(tmp_path / "work" / "cells")) == len(rows) + len(sel)
 
 
 _NO_TENSORFLOW = """

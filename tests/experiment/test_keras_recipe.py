@@ -126,7 +126,7 @@ def test_the_documented_smoke_override_runs_the_recipe_on_a_folder(tmp_path):
     assert f"| {s} |" in table
   reports = (out / "classification_reports.md").read_text()
   assert reports.count("weighted avg") == 5 and "precision    recall  f1-score" in reports
-  kept = json.loads((tmp_path / "work" / "kept_models.json").read_text())
+  kept = json.loads((tmp_path / "work" / "kept" / "keras_recipe.json").read_text())
   (best,) = kept["best"].values()
   card = recognizer.read_card(best["model"])
   assert card["model"]["head"] == {"pooling": "flatten", "hidden": [256], "activation": "relu"}

@@ -58,6 +58,7 @@ def _env():
 
 def _cell_checkpoints(workdir):
   """Cell folders that hold a checkpoint but no final.json (i.e. interrupted mid-cell)."""
+  workdir = os.path.join(workdir, "cells")
   if not os.path.isdir(workdir):
     return []
   out = []
@@ -250,9 +251,9 @@ def test_forced_nan_marks_the_cell_and_the_grid_goes_on(tmp_path, capsys):
   with tfds.testing.mock_data(num_examples=24):
     assert run.main(args) == 0
   capsys.readouterr()
-  work = tmp_path / "work-nan"
+  work = tmp_path / "work-nan" / "cells"
   finals = {f["strategy"]: f for f in (io.read_json(work / c / "final.json")
-                                       for c in os.listdir(work) if not c.startswith("."))}
+                                       for c in os.listdir(work))}
   full = finals["full"]
   assert full["status"] == "diverged"
   assert full["diverged_at"]["epoch"] >= 1 and full["diverged_at"]["step"] >= 1

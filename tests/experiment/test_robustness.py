@@ -235,13 +235,14 @@ def test_sigterm_is_handled_as_an_interrupt(monkeypatch, capsys):
 @pytest.mark.slow
 def test_a_final_json_that_only_says_ok_is_retrained_not_reused(tmp_path, caplog):
   c = _folder_sweep_config(tmp_path, "none")
-  work = tmp_path / "work"
-  sweep.run_grid(c, "keep", str(work), str(tmp_path / "results"), progress=False)
-  cell = sorted(d for d in os.listdir(work) if not d.startswith("."))[0]
+  sweep.run_grid(c, "keep", str(tmp_path / "work"), str(tmp_path / "results"), progress=False)
+  work = tmp_path / "work" / "cells"
+  cell = sorted(os.listdir(work))[0]
   before = json.loads((work / cell / "final.json").read_text())
   (work / cell / "final.json").write_text(json.dumps({"status": "ok"}))
   caplog.set_level("WARNING", logger="tlresearch")
-  summary = sweep.run_grid(c, "keep", str(work), str(tmp_path / "results"), progress=False)
+  summary = sweep.run_grid(c, "keep", str(tmp_path / "work"), str(tmp_path / "results"),
+                           progress=False)
   assert summary["reused"] == 3
   assert any("final.json cannot be reused (it has no 'cell_id')" in r.getMessage()
              for r in caplog.records)

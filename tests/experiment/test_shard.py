@@ -1,6 +1,7 @@
 """A grid split across the tasks of an array job (--task_index/--num_tasks), then --merge:
 whole configurations per task, and the same results folder as one process makes."""
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import tensorflow_datasets as tfds
 from experiments import dropout_ablation, finetune_sweep
 from tlresearch import data as data_lib, models
 from tlresearch.core import configs, io
-from tlresearch.experiment import cli as run, grid, selection
+from tlresearch.experiment import cli as run, grid, selection, sweep
 from tlresearch.training import pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -141,7 +142,7 @@ def test_two_tasks_and_merge_equal_one_process(tmp_path, cache, monkeypatch, cap
     _main(args("shard", "--merge"))
   assert not (tmp_path / "results-shard").exists()
   assert _main(args("shard", "--task_index=1", "--num_tasks=2")) == 0
-  assert {".lock", ".lock-task-0-of-2", ".lock-task-1-of-2"} <= set(
+  assert {".lock", ".lock-finetune_sweep-task-0-of-2", ".lock-finetune_sweep-task-1-of-2"} <= set(
       os.listdir(tmp_path / "work-shard"))
   _trains_nothing(monkeypatch)
   assert run.main(args("shard", "--merge")) == 0
@@ -205,7 +206,7 @@ def test_merge_with_a_task_unfinished_fails_and_leaves_results_untouched(tmp_pat
   cells = grid.expand(config)
   # Task 0 of 2 finished its selection cells, and nothing else.
   for c in selection.first_round(config, grid.shard(cells, 0, 2)):
-    _finish_fake(tmp_path / "work-shard" / "selection" / c.id, c)
+    _finish_fake(pathlib.Path(sweep.cell_dir(str(tmp_path / "work-shard"), c)), c)
   old = _folder(tmp_path, "shard", "dropout_ablation")
   old.mkdir(parents=True)
   (old / "table.md").write_text("the previous tables\n")
@@ -217,7 +218,7 @@ def test_merge_with_a_task_unfinished_fails_and_leaves_results_untouched(tmp_pat
   assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
   # Task 1's two selection cells (the merge stops at the first round it cannot read).
   assert err.startswith("error: cannot merge: 2 of 4 cells are not finished in "), err
-  assert "(selection/" in err and "the tasks that run them must finish first" in err
+  assert "(cells/" in err and "the tasks that run them must finish first" in err
   assert os.listdir(old) == ["table.md"] and (old / "table.md").read_text() == (
       "the previous tables\n")
 
@@ -267,7 +268,7 @@ def test_task_and_whole_grid_locks(tmp_path, cache):
     other_task = io.directory_lock(work)
     assert other_task.acquire(shared=True)
     other_task.release()
-    own = io.task_lock(work, 0, 2)
+    own = io.task_lock(work, "finetune_sweep", 0, 2)
     assert own.acquire()
     with pytest.raises(run.UserError, match=r"--task_index=0 of --num_tasks=2 is already "
                                             r"running on workdir .*\(pid \d+\)"):

@@ -128,10 +128,11 @@ def directory_lock(directory: str) -> FileLock:
   return FileLock(os.path.join(directory, ".lock"))
 
 
-def task_lock(directory: str, task_index: int, num_tasks: int) -> FileLock:
-  """The lock of one task of a sharded grid: `<workdir>/.lock-task-I-of-N`, so that two
-  processes started with the same task index never run the same cells at once."""
-  return FileLock(os.path.join(directory, f".lock-task-{task_index}-of-{num_tasks}"))
+def task_lock(directory: str, name: str, task_index: int, num_tasks: int) -> FileLock:
+  """The lock of one task of experiment `name`'s sharded grid:
+  `<workdir>/.lock-NAME-task-I-of-N`, so that two processes started with the same task
+  index never run the same cells at once."""
+  return FileLock(os.path.join(directory, f".lock-{name}-task-{task_index}-of-{num_tasks}"))
 
 
 def replace_dir(tmp: str, path: str) -> None:

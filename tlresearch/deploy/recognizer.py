@@ -200,16 +200,18 @@ def choose_best(finals: list[dict], configuration) -> dict[str, dict]:
   return out
 
 
-def keep(config, cells, finals, workdir: str, retrain=None) -> dict:
-  """Applies `save_model` once every final cell has finished: under "best", deletes every
-  kept model but each target's best (`choose_best`), retraining a best
-  cell that finished before models were kept (`retrain(cell, cell_dir)` -> its final
-  record; None, as in --merge: UserError instead). Writes `<workdir>/kept_models.json` and
-  returns it."""
+def keep(config, cells, finals, dirs: dict[str, str], record_path: str, retrain=None) -> dict:
+  """Applies `save_model` once every final cell has finished (`dirs`: cell id -> its folder):
+  under "best", deletes every kept model but each target's best (`choose_best`) and those
+  another experiment's record beside `record_path` keeps, retraining a best cell that
+  finished before models were kept (`retrain(cell, cell_dir)` -> its final record; None, as
+  in --merge: UserError instead). Writes the record to `record_path` and returns it."""
   policy = config.save_model
   if policy == "none":
+    if os.path.exists(record_path):  # an earlier run's record would name models not kept now
+      os.unlink(record_path)
     return {}
-  dirs = {c.id: os.path.join(workdir, c.id) for c in cells}
+  workdir = os.path.dirname(os.path.dirname(record_path))
   best = choose_best(finals, configs.configuration)
   for target, f in sorted(best.items()):
     cell_dir = dirs[f["cell_id"]]
@@ -229,8 +231,9 @@ def keep(config, cells, finals, workdir: str, retrain=None) -> dict:
       best[target] = again
   if policy == "best":
     keep = {f["cell_id"] for f in best.values()}
+    others = _kept_elsewhere(record_path)
     for c in cells:
-      if c.id not in keep:
+      if c.id not in keep and model_dir(dirs[c.id]) not in others:
         shutil.rmtree(model_dir(dirs[c.id]), ignore_errors=True)
   kept = [c.id for c in cells if has_model(dirs[c.id])]
   if policy == "all" and len(kept) < len(cells):
@@ -242,8 +245,22 @@ def keep(config, cells, finals, workdir: str, retrain=None) -> dict:
                          "val_accuracy": f["val_accuracy"], "test_accuracy": f["test_accuracy"]}
                      for t, f in sorted(best.items())},
             "models": [model_dir(dirs[i]) for i in kept]}
-  io.write_json(os.path.join(workdir, "kept_models.json"), record)
+  io.write_json(record_path, record)
   for t, b in record["best"].items():
     log.info("kept the best model for %s: %s (%s, val acc %.1f%%)", t, b["model"],
              b["strategy"], 100 * b["val_accuracy"])
   return record
+
+
+def _kept_elsewhere(record_path: str) -> set[str]:
+  """The models the other experiments' records in the same folder keep (cells are shared
+  between experiments: one's loser may be another's best)."""
+  folder, out = os.path.dirname(record_path), set()
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+    path = os.path.join(folder, name)
+    if name.endswith(".json") and path != record_path:
+      try:
+        out.update(io.read_json(path).get("models", []))
+      except (OSError, ValueError, AttributeError):
+        continue
+  return out

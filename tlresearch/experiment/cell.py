@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 
 from flax import traverse_util
@@ -60,6 +61,16 @@ def identity(config) -> dict:
 
 def fingerprint(cfg) -> str:
   return configs.digest(identity(cfg))
+
+
+def folder(cfg) -> str:
+  """A cell's folder in the cell store (`<workdir>/cells/`): named by its identity, so every
+  experiment whose grid holds the same cell (same backbone, data, strategy,
+  hyperparameters, seed, budget) finds it trained already. Target, strategy and seed lead,
+  for a reader."""
+  slug = "_".join(re.sub(r"[^A-Za-z0-9.]+", "-", str(v)).strip("-")
+                  for v in (cfg.target, cfg.strategy, f"seed{cfg.seed}"))
+  return f"{slug}-{fingerprint(cfg)[:12]}"
 
 
 def configuration_key(cfg) -> str:
@@ -167,8 +178,6 @@ def final_problem(final, cell) -> str | None:
       return f"it has no '{key}'"
     if not isinstance(final[key], kind) or (kind is int and isinstance(final[key], bool)):
       return f"its '{key}' is {final[key]!r}"
-  if final["cell_id"] != cell.id or final["axes"] != cell.axes:
-    return "it is another cell's record"
   return None
 
 
@@ -184,7 +193,7 @@ def data_digest(cfg) -> str | None:
 
 def finished(cell_dir: str, cell) -> dict | None:
   """The cell's final.json when it finished under exactly this config and holds what the
-  tables need, else None (a damaged one is reported: the cell trains again)."""
+  tables need, named as this grid names the cell; else None (a damaged one is reported: the cell trains again)."""
   try:
     saved = io.read_json(os.path.join(cell_dir, "config.json"))
     final = io.read_json(os.path.join(cell_dir, "final.json"))
@@ -197,10 +206,14 @@ def finished(cell_dir: str, cell) -> dict | None:
              cell.config.target)
     return None
   problem = final_problem(final, cell)
+  if problem is None and final["cell_id"] != saved.get("cell_id"):
+    problem = "it is another cell's record"
   if problem is not None:
     log.warning("%s/final.json cannot be reused (%s): the cell trains again", cell_dir, problem)
     return None
-  return final
+  # The store's record, under this grid's name for the cell (another experiment may have
+  # trained it, under its own axes).
+  return {**final, "cell_id": cell.id, "axes": cell.axes}
 
 
 # ---------------------------------------------------------------- training

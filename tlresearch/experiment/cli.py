@@ -1,9 +1,11 @@
 """Command line: `python -m tlresearch.run --experiment=NAME [--config.KEY=VALUE ...]`.
 
 Flags:
-  --experiment=NAME   an experiment module in experiments/ (see --list)
+  --experiment=NAME   an experiment module in experiments/ (see --list); NAME,NAME,... runs
+                      several one after another, "all" every reproduction and the main table
   --list              list the experiments and exit
-  --workdir=DIR       per-cell folders (default: workdir/NAME)
+  --workdir=DIR       the cell store, shared by every experiment run on it (default: workdir):
+                      DIR/cells/<cell> per cell, so a cell several experiments hold trains once
   --results_dir=DIR   tables and plots go to DIR/NAME (default: results)
   --overwrite         retrain every cell (default: reuse cells finished under the same config)
   --no_progress       no progress bar
@@ -25,6 +27,7 @@ checkpoints are kept and the lock is released: the same command resumes.
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import logging
 import os
@@ -40,6 +43,7 @@ FLAGS = {"experiment", "workdir", "results_dir", "overwrite", "no_progress", "li
          "task_index", "num_tasks", "merge"}
 EXPERIMENTS = "experiments"  # the package of experiment modules (experiments/NAME.py)
 BOOL_FLAGS = {"overwrite", "no_progress", "list", "help", "merge"}
+ALL = "all"  # --experiment=all: every experiment the package lists in ALL
 
 
 def experiments() -> dict[str, str]:
@@ -136,7 +140,8 @@ def load_config(name: str | None, overrides, names: dict | None = None):
   if not name:
     raise UserError(f"--experiment is required; valid: {choices(names)}")
   if name not in names:
-    raise UserError(f"unknown experiment '{name}'; valid: {choices(names)}")
+    raise UserError(f"unknown experiment '{name}'; valid: {choices(names)}, or {ALL} (or "
+                    "NAME,NAME,... for several)")
   module = importlib.import_module(f"{EXPERIMENTS}.{name}")
   config = module.get_config()
   for dotted, text in overrides:
@@ -196,22 +201,13 @@ def main(argv: list[str]) -> int:
   if "list" in flags:
     for name, doc in names.items():
       print(f"{name:28s} {doc}")
+    print(f"{ALL:28s} " + ", ".join(importlib.import_module(EXPERIMENTS).ALL) + ", one after "
+          "another on one cell store")
     return 0
-  name = flags.get("experiment")
-  config, module = load_config(name, overrides, names)
-  if config.kind not in ("pretrain", "sweep"):
-    raise UserError(f"experiment '{name}' has unknown kind '{config.kind}'; valid: pretrain, sweep")
-  for key in ("workdir", "results_dir"):
-    if key in flags and not flags[key].strip():
-      raise UserError(f"--{key} is empty; give a folder (default: "
-                      f"{'workdir/NAME' if key == 'workdir' else 'results'})")
-  task_index, num_tasks = task_of(flags)
-  merge, overwrite = _true(flags, "merge"), _true(flags, "overwrite")
-  if config.kind == "pretrain" and (merge or num_tasks != 1):
-    raise UserError(f"--task_index, --num_tasks and --merge split a sweep; '{name}' is a "
-                    "pretrain experiment")
-  if merge and overwrite:
-    raise UserError("--merge trains nothing, so --overwrite does not apply: drop one of them")
+  chosen = experiment_names(flags.get("experiment"), names)
+  loaded = [(n, *load_config(n, overrides, names)) for n in chosen]  # all checked first
+  config = loaded[0][1]
+  check_flags(flags, loaded)
   # Heavy imports (jax, tensorflow) only once the command line is known to be valid.
   from tlresearch.core import layout
   layout.check(config.threads)
@@ -221,22 +217,104 @@ def main(argv: list[str]) -> int:
   from tlresearch.experiment import sweep
   results_dir = flags.get("results_dir", "results")
   if config.kind == "pretrain":
-    sweep.run_pretrain(config, name, results_dir, overwrite)
+    sweep.run_pretrain(config, chosen[0], results_dir, _true(flags, "overwrite"))
     return 0
-  workdir = flags.get("workdir", os.path.join("workdir", name))
-  findings = getattr(module, "FINDINGS", None)
-  command = " ".join(["python -m tlresearch.run"] + argv)
-  if merge:
-    sweep.merge_grid(config, name, workdir, results_dir, findings=findings, command=command)
-  else:
-    summary = sweep.run_grid(config, name, workdir, results_dir, overwrite,
-                             progress=flags.get("no_progress", "false").lower() not in ("1", "true"),
-                             findings=findings, command=command, task_index=task_index,
-                             num_tasks=num_tasks)
-    if os.environ.get("TLRESEARCH_TIMINGS"):  # python -m tlresearch.tools.bench reads the breakdown
-      from tlresearch.core import io
-      io.write_json(os.environ["TLRESEARCH_TIMINGS"], summary)
+  summaries = run_sweeps(flags, loaded, argv)
+  if os.environ.get("TLRESEARCH_TIMINGS"):  # python -m tlresearch.tools.bench reads the breakdown
+    from tlresearch.core import io
+    io.write_json(os.environ["TLRESEARCH_TIMINGS"], summaries[-1] if len(summaries) == 1
+                  else {"experiments": summaries})
   return 0
+
+
+def experiment_names(text: str | None, names: dict) -> list[str]:
+  """--experiment: one name, a comma-separated list, or "all" (the package's `ALL`)."""
+  if text == ALL:
+    return list(importlib.import_module(EXPERIMENTS).ALL)
+  parts = [p.strip() for p in (text or "").split(",")]
+  if len(parts) > 1 and not all(parts):
+    raise UserError(f"--experiment={text}: an empty name in the list; valid: {choices(names)}, "
+                    f"or {ALL}")
+  return list(dict.fromkeys(parts))
+
+
+def check_flags(flags: dict, loaded) -> None:
+  """UserError for flags that do not fit the chosen experiments."""
+  name, config = loaded[0][0], loaded[0][1]
+  for n, c, _ in loaded:
+    if c.kind not in ("pretrain", "sweep"):
+      raise UserError(f"experiment '{n}' has unknown kind '{c.kind}'; valid: pretrain, sweep")
+    if len(loaded) > 1 and c.kind != "sweep":
+      raise UserError(f"--experiment lists run sweeps; '{n}' is a {c.kind} experiment: run it "
+                      "alone")
+    if c.threads != config.threads:
+      raise UserError(f"the experiments run in one process, so they need one threads value: "
+                      f"'{n}' has {c.threads}, '{name}' {config.threads}")
+  for key in ("workdir", "results_dir"):
+    if key in flags and not flags[key].strip():
+      raise UserError(f"--{key} is empty; give a folder (default: "
+                      f"{'workdir' if key == 'workdir' else 'results'})")
+  task_index, num_tasks = task_of(flags)
+  merge, overwrite = _true(flags, "merge"), _true(flags, "overwrite")
+  if len(loaded) > 1 and (merge or num_tasks != 1):
+    raise UserError("--task_index, --num_tasks and --merge split one experiment's grid: give "
+                    "one --experiment")
+  if config.kind == "pretrain" and (merge or num_tasks != 1):
+    raise UserError(f"--task_index, --num_tasks and --merge split a sweep; '{name}' is a "
+                    "pretrain experiment")
+  if merge and overwrite:
+    raise UserError("--merge trains nothing, so --overwrite does not apply: drop one of them")
+
+
+@contextlib.contextmanager
+def _shared_pool(loaded):
+  """Several experiments train on one pool of worker processes (started once; their loaded
+  backbones and compiled programs serve every grid), when `config.workers` asks for one."""
+  if len(loaded) == 1:
+    yield None
+    return
+  import jax
+  from tlresearch import data as data_lib
+  from tlresearch.experiment import workers
+  config = loaded[0][1]
+  workers.check(config.workers)
+  n = workers.count(config.workers, 10**9, jax.default_backend(), data_lib.mocked())
+  if n == 1:
+    yield None
+    return
+  logging.getLogger(__name__).info("training on %d worker processes", n)
+  with workers.Pool(n, config.threads) as pool:
+    yield pool
+
+
+def run_sweeps(flags: dict, loaded, argv: list[str]) -> list[dict]:
+  """Each experiment's grid in turn, on one cell store (--workdir, default workdir/): a cell
+  that several experiments hold trains once. Returns their summaries."""
+  from tlresearch.experiment import sweep
+  workdir, results_dir = flags.get("workdir", "workdir"), flags.get("results_dir", "results")
+  task_index, num_tasks = task_of(flags)
+  command = " ".join(["python -m tlresearch.run"] + argv)
+  progress = flags.get("no_progress", "false").lower() not in ("1", "true")
+  summaries, retrained = [], set()
+  with _shared_pool(loaded) as pool:
+    for name, config, module in loaded:
+      findings = getattr(module, "FINDINGS", None)
+      if _true(flags, "merge"):
+        summaries.append(sweep.merge_grid(config, name, workdir, results_dir,
+                                          findings=findings, command=command))
+        continue
+      summaries.append(sweep.run_grid(config, name, workdir, results_dir,
+                                      _true(flags, "overwrite"), progress=progress,
+                                      findings=findings, command=command,
+                                      task_index=task_index, num_tasks=num_tasks,
+                                      retrained=retrained, pool=pool))
+  if len(loaded) > 1:
+    folders = [f for s in summaries for f in s["folders"]]
+    seconds = sum(s["seconds"] for s in summaries)
+    print(f"{len(loaded)} experiments: {len(folders)} cells asked for (final and selection), "
+          f"{len(set(folders))} distinct, {sum(s['trained'] for s in summaries)} trained, in "
+          f"{seconds:.0f}s")
+  return summaries
 
 
 class _Formatter(logging.Formatter):

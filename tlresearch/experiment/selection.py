@@ -16,8 +16,9 @@ A configuration whose every stage is the converged probe (tlresearch.methods.pro
 strength is chosen on validation by the solver itself, and it has no learning rate) runs no
 selection.
 
-Selection cells live in `<workdir>/selection/`, are skipped when finished, and are not part
-of the final tables; `selection.csv` beside the tables lists every candidate's score.
+Selection cells live in the cell store beside the final ones (`<workdir>/cells/`, named by
+identity, so an experiment that shares a selection cell with another reuses it), are skipped
+when finished, and are not part of the final tables; `selection.csv` beside the tables lists every candidate's score.
 """
 from __future__ import annotations
 

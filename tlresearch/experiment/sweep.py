@@ -37,8 +37,16 @@ def enable_compile_cache(cache_dir: str | None) -> str:
 
 def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool = False,
              progress: bool = True, findings: findings_lib.Findings | None = None,
-             command: str = "", task_index: int = 0, num_tasks: int = 1) -> dict:
+             command: str = "", task_index: int = 0, num_tasks: int = 1,
+             retrained: set | None = None, pool: workers.Pool | None = None) -> dict:
   """Runs every unfinished cell of `config`'s grid and writes `results_dir/name/`.
+
+  Cells live in the cell store `<workdir>/cells/` (`cell_dir`), shared by every experiment
+  run with the same workdir: a cell another grid trained is reused. `overwrite` retrains
+  this grid's cells except those in `retrained` (folders this command has retrained
+  already, e.g. for an earlier experiment of `--experiment=all`), and adds them to it.
+  `pool`: worker processes started for several grids (used, not closed), instead of this
+  grid's own.
 
   With `config.selection.enabled`, the selection cells run first and each configuration's
   final cells use its selected values (tlresearch.experiment.selection). `findings`: the
@@ -62,16 +70,15 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   workers.check(config.workers)
   layout.check(config.threads)
   enable_compile_cache(config.cache_dir or None)
-  with CellRunner(config, progress) as runner:
+  retrained = set() if retrained is None else retrained
+  with CellRunner(config, progress, retrained if overwrite else None, pool) as runner:
     # Worker processes start while this one checks: their imports overlap the checks.
     runner.start_workers(_unfinished(mine, sel_mine, workdir, overwrite))
     # every bad value and every bad dataset fails here, before training (in every task alike)
     with timing.phase("check"):
       cell_lib.check_all(cells + sel_cells)
       report.check(config)
-    with _workdir_lock(workdir, task_index, num_tasks):
-      if overwrite:
-        _clear_workdir(workdir)
+    with _workdir_lock(workdir, name, task_index, num_tasks):
       if num_tasks > 1:
         return _run_task(config, cells, mine, name, workdir, runner, task_index, num_tasks, t0)
       finals, outcome, reused = train_cells(config, cells, name, workdir, runner)
@@ -82,7 +89,8 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
   print(f"{name}: {len(cells)} cells ({reused} reused) in {seconds:.0f}s; wrote "
         + ", ".join(paths))
   return {"cells": len(cells), "reused": reused, "seconds": seconds, "outputs": paths,
-          "workers": runner.workers, "phases": timing.snapshot()}
+          "workers": runner.workers, "phases": timing.snapshot(),
+          "folders": runner.folders, "trained": runner.trained}
 
 
 def check_folders(config, name: str, workdir: str, results_dir: str) -> None:
@@ -105,8 +113,7 @@ def _unfinished(cells, sel_cells, workdir: str, overwrite: bool) -> int:
   """How many of these final and first-round selection cells have no final.json yet."""
   if overwrite:
     return len(cells) + len(sel_cells)
-  return sum(f is None for f in _read_finals(cells, workdir)
-             + _read_finals(sel_cells, _selection_dir(workdir)))
+  return sum(f is None for f in _read_finals(cells + sel_cells, workdir))
 
 
 def _run_task(config, cells, mine, name, workdir, runner, task_index, num_tasks, t0) -> dict:
@@ -124,7 +131,7 @@ def _run_task(config, cells, mine, name, workdir, runner, task_index, num_tasks,
         "the same command with --merge in place of --task_index/--num_tasks builds them")
   return {"cells": len(mine), "selection_cells": n_sel, "reused": reused,
           "seconds": seconds, "outputs": [], "workers": runner.workers,
-          "phases": timing.snapshot()}
+          "phases": timing.snapshot(), "folders": runner.folders, "trained": runner.trained}
 
 
 def merge_grid(config, name: str, workdir: str, results_dir: str,
@@ -138,16 +145,16 @@ def merge_grid(config, name: str, workdir: str, results_dir: str,
   check_folders(config, name, workdir, results_dir)
 
   def read_selection(sel_cells, round_index):
-    finals = _read_finals(sel_cells, _selection_dir(workdir))
-    _check_all_finished(workdir, [f"selection/{c.id}" for c in sel_cells], finals)
+    finals = _read_finals(sel_cells, workdir)
+    _check_all_finished(workdir, sel_cells, finals)
     return finals
 
   # The same rounds as the run, each read from disk: a widened candidate is found exactly
   # when the run that made it chose to widen.
   cells, outcome = selection.run(config, cells, read_selection)
   finals = _read_finals(cells, workdir)
-  _check_all_finished(workdir, [c.id for c in cells], finals)
-  recognizer.keep(config, cells, finals, workdir)
+  _check_all_finished(workdir, cells, finals)
+  recognizer.keep(config, cells, finals, cell_dirs(cells, workdir), kept_record(workdir, name))
   paths = write_results(config, name, results_dir, finals, outcome, findings, command)
   seconds = time.perf_counter() - t0
   print(f"{name}: merged {len(cells)} cells"
@@ -156,7 +163,8 @@ def merge_grid(config, name: str, workdir: str, results_dir: str,
   return {"cells": len(cells), "reused": len(cells), "seconds": seconds, "outputs": paths}
 
 
-def _check_all_finished(workdir: str, ids: list[str], finals: list) -> None:
+def _check_all_finished(workdir: str, cells, finals: list) -> None:
+  ids = [os.path.relpath(cell_dir(workdir, c), workdir) for c in cells]
   missing = [i for i, f in zip(ids, finals) if f is None]
   if missing:
     first = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
@@ -167,7 +175,7 @@ def _check_all_finished(workdir: str, ids: list[str], finals: list) -> None:
 
 
 @contextlib.contextmanager
-def _workdir_lock(workdir: str, task_index: int, num_tasks: int):
+def _workdir_lock(workdir: str, name: str, task_index: int, num_tasks: int):
   """A whole-grid sweep holds `<workdir>/.lock` alone. The tasks of a sharded grid hold it
   shared (they run side by side; a whole-grid sweep, which may clear the workdir, runs with
   none of them) and each its own task lock (a task started twice would train its cells twice
@@ -176,7 +184,7 @@ def _workdir_lock(workdir: str, task_index: int, num_tasks: int):
     _hold(stack, io.directory_lock(workdir), num_tasks > 1,
           f"workdir {workdir} is in use by another sweep", " or pass a different --workdir")
     if num_tasks > 1:
-      _hold(stack, io.task_lock(workdir, task_index, num_tasks), False,
+      _hold(stack, io.task_lock(workdir, name, task_index, num_tasks), False,
             f"--task_index={task_index} of --num_tasks={num_tasks} is already running on "
             f"workdir {workdir}", "")
     yield
@@ -189,21 +197,23 @@ def _hold(stack: contextlib.ExitStack, lock: io.FileLock, shared: bool, busy: st
   stack.callback(lock.release)
 
 
-def _clear_workdir(workdir: str) -> None:
-  """--overwrite: every cell folder goes, the lock file (held by us) stays."""
-  for entry in os.listdir(workdir):
-    if entry != ".lock":
-      path = os.path.join(workdir, entry)
-      shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+def cell_dir(workdir: str, cell) -> str:
+  """A cell's folder in the store: `<workdir>/cells/<identity>` (cell.folder)."""
+  return os.path.join(workdir, "cells", cell_lib.folder(cell.config))
 
 
-def _selection_dir(workdir: str) -> str:
-  return os.path.join(workdir, "selection")
+def cell_dirs(cells, workdir: str) -> dict[str, str]:
+  return {c.id: cell_dir(workdir, c) for c in cells}
 
 
-def _read_finals(cells, root: str) -> list[dict | None]:
+def kept_record(workdir: str, name: str) -> str:
+  """Where experiment `name` records its kept models (tlresearch.deploy.recognizer)."""
+  return os.path.join(workdir, "kept", f"{name}.json")
+
+
+def _read_finals(cells, workdir: str) -> list[dict | None]:
   """Each cell's final.json when it finished under exactly its config, else None."""
-  return [cell_lib.finished(os.path.join(root, c.id), c) for c in cells]
+  return [cell_lib.finished(cell_dir(workdir, c), c) for c in cells]
 
 
 def train_cells(config, cells, name: str, workdir: str, run_cells: CellRunner,
@@ -214,12 +224,13 @@ def train_cells(config, cells, name: str, workdir: str, run_cells: CellRunner,
 
   def run_selection(sel_cells, round_index):
     desc = f"{name} selection" + (f" (widened, round {round_index + 1})" if round_index else "")
-    return run_cells(sel_cells, _selection_dir(workdir), desc, final=False)[0]
+    return run_cells(sel_cells, workdir, desc, final=False)[0]
 
   cells, outcome = selection.run(config, cells, run_selection)
   finals, reused = run_cells(cells, workdir, name)
   if keep:
-    recognizer.keep(config, cells, finals, workdir, run_cells.retrain)
+    recognizer.keep(config, cells, finals, cell_dirs(cells, workdir), kept_record(workdir, name),
+                    run_cells.retrain)
   return finals, outcome, reused
 
 
@@ -243,22 +254,29 @@ class CellRunner:
   """Trains cells and reports each as it finishes: in this process, or on a pool of worker
   processes (`config.workers`, tlresearch.experiment.workers) started once for the whole sweep.
 
-  `runner(cells, root, desc, final)` -> (final.json of every cell, how many were reused);
-  `final` is False for selection cells."""
+  `runner(cells, workdir, desc, final)` -> (final.json of every cell, how many were reused);
+  `final` is False for selection cells. With `retrained` (a set, --overwrite), a finished
+  cell trains again unless its folder is in it, and then joins it.
+  `folders` lists the store folders asked for (with repeats), `trained` how many trained."""
 
-  def __init__(self, config, progress: bool):
+  def __init__(self, config, progress: bool, retrained: set | None = None,
+               pool: workers.Pool | None = None):
     self.labels = dict(config.report.axis_labels)
     self.print_reports = bool(config.report.classification_reports)
     self.progress = progress
     self.setting = config.workers
     self.threads = config.threads
     self.backbones = cell_lib.Backbones()
-    self.pool = None
+    self.pool, self.shared_pool = None, pool
     self.workers = 1  # the most processes that trained at once
+    self.retrained = retrained
+    self.folders, self.trained = [], 0
 
   def start_workers(self, pending_cells: int) -> None:
     """Starts the worker pool if `config.workers` asks for one for this much work (their
     start-up then overlaps whatever this process does next)."""
+    if self.pool is None and pending_cells and self.shared_pool is not None:
+      self.pool, self.workers = self.shared_pool, self.shared_pool.size
     if self.pool is None and pending_cells:
       import jax
       n = workers.count(self.setting, pending_cells, jax.default_backend(), data_lib.mocked())
@@ -275,9 +293,9 @@ class CellRunner:
                         self.backbones(cell.config) if pretrained else None)[0]
 
   def close(self, kill: bool = False) -> None:
-    if self.pool is not None:
+    if self.pool is not None and self.pool is not self.shared_pool:
       self.pool.close(kill)
-      self.pool = None
+    self.pool = None
 
   def __enter__(self):
     return self
@@ -285,13 +303,24 @@ class CellRunner:
   def __exit__(self, exc_type, *_):
     self.close(kill=exc_type is not None)
 
-  def __call__(self, cells, root, desc, final: bool = True):
-    done = dict(zip((c.id for c in cells), _read_finals(cells, root)))
+  def __call__(self, cells, workdir, desc, final: bool = True):
+    dirs = cell_dirs(cells, workdir)
+    self.folders += list(dirs.values())
+    done = dict(zip((c.id for c in cells), _read_finals(cells, workdir)))
     for c in cells:  # save_model=all: a cell finished without its model trains again
       if (done[c.id] is not None and c.config.save_model == "all"
-          and not recognizer.has_model(os.path.join(root, c.id))):
+          and not recognizer.has_model(dirs[c.id])):
         done[c.id] = None
-    todo = [c for c in cells if done[c.id] is None]
+      if self.retrained is not None and dirs[c.id] not in self.retrained:
+        done[c.id] = None
+    # One training per store folder: cells of this grid that are the same cell under two
+    # names (an operational axis) share it.
+    todo = list({dirs[c.id]: c for c in reversed(cells) if done[c.id] is None}.values())[::-1]
+    for c in todo:
+      if self.retrained is not None:
+        shutil.rmtree(dirs[c.id], ignore_errors=True)
+        self.retrained.add(dirs[c.id])
+    self.trained += len(todo)
     needs = {c.id: strategies.get(c.config.strategy,
                                   models.groups_of(c.config.model)).pretrained for c in todo}
     groups = seed_groups(todo)
@@ -301,7 +330,7 @@ class CellRunner:
         for c in todo:  # before the progress bar, so its ETA measures cells only
           if needs[c.id]:
             self.backbones(c.config)
-    tasks = [(g, [os.path.join(root, c.id) for c in g], needs[g[0].id]) for g in groups]
+    tasks = [(g, [dirs[c.id] for c in g], needs[g[0].id]) for g in groups]
     # Log lines go through tqdm while the bar is up, so the bar stays one line below them.
     with logging_redirect_tqdm(loggers=[logging.getLogger("tlresearch")]), \
         tqdm(total=len(cells), desc=desc, unit="cell", disable=not self.progress,
@@ -317,13 +346,17 @@ class CellRunner:
         bar.update(len(finals))
 
       if self.pool is None:
-        for i, (group, dirs, pretrained) in enumerate(tasks):
-          finished(i, cell_lib.run(group, dirs,
+        for i, (group, group_dirs, pretrained) in enumerate(tasks):
+          finished(i, cell_lib.run(group, group_dirs,
                                    self.backbones(group[0].config) if pretrained else None))
       else:
         with timing.phase("wait"):
           self.pool.run(tasks, [_cost(g) for g in groups], [_programs_key(g) for g in groups],
                         finished)
+    by_folder = {dirs[c.id]: done[c.id] for c in todo}
+    for c in cells:  # a twin of a trained cell: its record, under this cell's name
+      if done[c.id] is None:
+        done[c.id] = {**by_folder[dirs[c.id]], "cell_id": c.id, "axes": c.axes}
     return [done[c.id] for c in cells], len(cells) - len(todo)
 
 

@@ -4,4 +4,4 @@ checks), `probe_check` (the probe rows against scikit-learn), `to_folder` (a dat
 as an image folder).
 """
 
-__all__ = ["bench", "device_check", "floor", "probe_check", "to_folder"]
+__all__ = ["bench", "device_check", "floor", "probe_check", "rates", "to_folder"]

@@ -5,10 +5,18 @@
 Fields (wall-clock seconds; images/s of a compiled, warmed-up train step over the k-shot
 training set of the default `finetune_sweep` cell, digits target, seed 0):
   device, device_count, jax
+  layout                               the execution layout this process measures in: the
+                                       default `config.threads` (tlresearch.core.layout)
   train_images_per_s.full              every group trainable, the whole network each step
+  train_images_per_s.partial:k=1       the last group and the head, on the cached outputs of
+                                       the frozen groups below
   train_images_per_s.linear_probe      head only by SGD (train.probe_solver=sgd), on features
                                        computed once
   train_images_per_s.linear_probe_uncached  the same, the frozen backbone run every step
+  machine_train_images_per_s           the same steps in as many processes as the default
+                                       layout trains in at once (one per core), started
+                                       together, each the best of 3 x 10 epochs: `each`
+                                       process's rates and their `total`, the machine's
   linear_probe_cell                    one warm linear-probe cell (`cell.run`): its seconds,
                                        one forward pass of the backbone over its data
                                        (train + validation + test), the converged probe's
@@ -24,6 +32,11 @@ training set of the default `finetune_sweep` cell, digits target, seed 0):
     seconds                              its wall time, from the command to its exit
     workers                              processes that trained cells (config.workers)
     startup                              interpreter start and imports, before the sweep
+    cells, epochs                        final and selection cells trained, epochs they ran
+    process_seconds                      train, eval, compile, probe, data and other (every
+                                         other phase but wait), summed over the processes
+    floor_seconds, floor_ratio           the compute floor of those cells in the sweep's own
+                                         layout (tlresearch.tools.floor) and seconds / floor
     phases                               seconds per phase (tlresearch.core.timing), summed over
                                          the sweep's process and its workers: check (configs,
                                          datasets), backbone, data, init (model, strategy, start
@@ -52,6 +65,8 @@ import sys
 import tempfile
 import time
 
+from tlresearch.tools import rates
+
 USAGE = "usage: python -m tlresearch.tools.bench [--skip_sweep] [--baseline]"
 FLAGS = ("--skip_sweep", "--baseline")
 
@@ -64,73 +79,47 @@ def _parse(argv: list[str]) -> set[str]:
   return set(argv)
 
 
-def _default_cell(strategy: str = "linear_probe"):
-  """The finetune_sweep cell of `strategy` in the base configuration, digits, seed 0."""
-  from tlresearch.experiment import cli
-  from tlresearch.experiment import grid
-  config, _ = cli.load_config("finetune_sweep", [])
-  for c in grid.expand(config):
-    if (c.axes["strategy"] == strategy and c.config.target == "digits" and c.config.seed == 0
-        and c.axes == {**c.axes, **grid.base_axes(config), "strategy": strategy}):
-      return c
-  raise LookupError(strategy)
+def train_rates(model, variables, data, cfg, epochs: int = 3) -> dict:
+  rate = lambda name, cached: rates.images_per_s(model, variables, name, data, cfg, cached, epochs)
+  return {"full": rate("full", False), "partial:k=1": rate("partial:k=1", True),
+          "linear_probe": rate("linear_probe", True),
+          "linear_probe_uncached": rate("linear_probe", False)}
 
 
-def pretrained_model(cfg):
-  """(dataset, model, pretrained variables, model variables) of a cell config: its target's
-  data, the model with the source backbone merged in and a fresh head (key 0)."""
-  import jax
-  from tlresearch import data as data_lib
-  from tlresearch import models
-  from tlresearch.training import pretrain, programs
-  ds = data_lib.load_for(cfg)
-  model = models.build(cfg.model, ds.num_classes)
-  pretrained = pretrain.get_or_build(pretrain.for_model(cfg.pretrain, cfg.model),
-                                     cfg.cache_dir or None)[0]
-  variables = models.merge_pretrained(
-      programs.init_variables(model, jax.random.key(0), ds.train_x.shape[1:]),
-      pretrained, (model.groups[-1],))
-  return ds, model, pretrained, variables
+def _rate_process(threads: int, slot: int) -> None:
+  """One process of `machine_rates`: held to its share of the cores, prints its rates."""
+  from tlresearch.core import layout
+  layout.pin(threads, slot)
+  ds, model, _, variables = rates.pretrained_model(rates.default_cell("full").config)
+  cfg = rates.default_cell("full").config.train
+  train_rates(model, variables, ds, cfg, epochs=1)  # compiles
+  best = {}
+  for _ in range(3):
+    for k, v in train_rates(model, variables, ds, cfg, epochs=10).items():
+      best[k] = max(best.get(k, 0.0), v)
+  print(json.dumps(best))
 
 
-def _block(tree):
-  import jax
-  return jax.block_until_ready(tree)
-
-
-def _images_per_s(model, variables, strategy_name, data, cfg, cached: bool,
-                  epochs: int = 3) -> float:
-  """Train-step throughput of one strategy's first stage (compile and one warm-up epoch
-  excluded)."""
-  import jax
-  import jax.numpy as jnp
-  from tlresearch.training import programs, train
-  from tlresearch.methods import strategies
-  stage = strategies.get(strategy_name, model.groups).stages[0]
-  spec, inputs = train.stage_spec(model, stage, variables, cfg, len(data.train_x),
-                                  n_epochs=epochs + 1, cache=cached)
-  start = spec.start
-  state = programs.init_state(spec, variables, inputs)
-  x = jnp.asarray(data.train_x)
-  if start != model.groups[0]:
-    x = programs.prefix_outputs(model, variables, x, model.groups[model.groups.index(start) - 1])
-  y = jnp.asarray(data.train_y)
-  keys = train.CellKeys.from_seed(0)
-  state, _ = _block(programs.train_epoch(spec, state, x, y, keys.order, keys.dropout,
-                                         keys.augment, inputs))
-  t0 = time.perf_counter()
-  for e in range(epochs):
-    state, m = programs.train_epoch(spec, state, x, y, jax.random.fold_in(keys.order, e),
-                                    keys.dropout, keys.augment, inputs)
-  _block(m)
-  return epochs * spec.steps_per_epoch * spec.batch_size / (time.perf_counter() - t0)
-
-
-def train_rates(model, variables, data, cfg) -> dict:
-  return {"full": _images_per_s(model, variables, "full", data, cfg, cached=False),
-          "linear_probe": _images_per_s(model, variables, "linear_probe", data, cfg, cached=True),
-          "linear_probe_uncached": _images_per_s(model, variables, "linear_probe", data, cfg,
-                                                 cached=False)}
+def machine_rates(threads: int) -> dict:
+  """The machine's train-step images/s in the layout of `config.threads`: one process per
+  share of the cores (each as a sweep's worker is held), started together, each timing the
+  same steps; `each` process's rates and their `total`."""
+  from tlresearch.core import layout
+  machine = layout.cores()
+  n = 1 if threads == layout.ALL else max(1, len(machine) // threads)
+  env = {**os.environ, layout.CORES_ENV: ",".join(map(str, machine))}
+  procs = [subprocess.Popen([sys.executable, "-c", "from tlresearch.tools import bench; "
+                             f"bench._rate_process({threads}, {i})"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(n)]
+  each = []
+  for p in procs:
+    out, err = p.communicate()
+    if p.returncode != 0:
+      raise RuntimeError(f"rate process failed:\n{err[-2000:]}")
+    each.append(json.loads(out.strip().splitlines()[-1]))
+  return {"processes": n, "each": each,
+          "total": {k: sum(e[k] for e in each) for k in each[0]}}
 
 
 def probe_path_seconds(model, variables, ds) -> float:
@@ -140,11 +129,11 @@ def probe_path_seconds(model, variables, ds) -> float:
   from tlresearch.methods import probe
   from tlresearch.training import programs
   stop = model.groups[-2]
-  x, vx = (_block(programs.prefix_outputs(model, variables, jnp.asarray(a), stop))
+  x, vx = (rates.block(programs.prefix_outputs(model, variables, jnp.asarray(a), stop))
            for a in (ds.train_x, ds.val_x))
   probe.solve(model, variables, x, ds.train_y, vx, ds.val_y)  # compiles
   t0 = time.perf_counter()
-  _block(probe.solve(model, variables, x, ds.train_y, vx, ds.val_y)[0])
+  rates.block(probe.solve(model, variables, x, ds.train_y, vx, ds.val_y)[0])
   return time.perf_counter() - t0
 
 
@@ -166,9 +155,9 @@ def linear_probe_cell(cell, pretrained, ds, model) -> dict:
                                       cell_lib.not_loaded(cell.config, strategy, model.groups))
   splits = [jnp.asarray(a) for a in (ds.train_x, ds.val_x, ds.test_x)]
   stop = model.groups[-2]
-  _block([programs.prefix_outputs(model, variables, x, stop) for x in splits])  # compiled
+  rates.block([programs.prefix_outputs(model, variables, x, stop) for x in splits])  # compiled
   t0 = time.perf_counter()
-  _block([programs.prefix_outputs(model, variables, x, stop) for x in splits])
+  rates.block([programs.prefix_outputs(model, variables, x, stop) for x in splits])
   forward = time.perf_counter() - t0
   head = probe_path_seconds(model, variables, ds)
   seconds = final["wall_seconds"]
@@ -272,7 +261,7 @@ def compile_per_cell(tmp: str) -> dict:
   for run in ("cold", "warm"):
     _sweep(tmp, "compile", small, {"TLRESEARCH_CACHE_DIR": cache})
     finals = [io.read_json(p) for p in
-              glob.glob(os.path.join(tmp, "compile", "workdir", "*", "final.json"))]
+              glob.glob(os.path.join(tmp, "compile", "workdir", "cells", "*", "final.json"))]
     out[run] = sum(f["compile_seconds"] for f in finals) / len(finals)
   return out
 
@@ -288,14 +277,31 @@ def sweep_breakdown(tmp: str) -> dict:
   summary = io.read_json(timings)
   phases = summary["phases"]
   cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+  finals = [io.read_json(p) for p in
+            glob.glob(os.path.join(tmp, "sweep", "workdir", "cells", "*", "final.json"))]
   return {"seconds": seconds, "workers": summary["workers"],
-          "startup": seconds - summary["seconds"],
+          "startup": seconds - summary["seconds"], "cells": len(finals),
+          "epochs": sum(f["epochs_run"] for f in finals),
+          "process_seconds": _grouped(phases),
           "phases": {k: phases[k] for k in timing.PHASES if k in phases},
           "cpu_seconds": cpu, "idle_cpu_share": 1 - cpu / (seconds * _cores())}
 
 
+# The phases `sweep.process_seconds` names; the others are summed as "other".
+MAIN_PHASES = ("train", "eval", "compile", "probe", "data")
+
+
+def _grouped(phases: dict) -> dict:
+  """Process-seconds of the main phases and the rest as "other" (the sweep's process waiting
+  for its workers is not work, so "wait" is left out)."""
+  out = {k: phases.get(k, 0.0) for k in MAIN_PHASES}
+  out["other"] = sum(v for k, v in phases.items() if k not in MAIN_PHASES and k != "wait")
+  return out
+
+
 def _cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  from tlresearch.core import layout
+  return len(layout.cores())
 
 
 def baseline_seconds(tmp: str) -> float:
@@ -329,21 +335,31 @@ def baseline_main(argv: list[str]) -> None:
 
 def measure(skip_sweep: bool = False, baseline: bool = False) -> dict:
   import jax
+  from tlresearch.core import layout
   from tlresearch.experiment import sweep
-  sweep.enable_compile_cache(None)
-  cell = _default_cell("linear_probe")
+  from tlresearch.tools import floor as floor_lib
+  cell = rates.default_cell("linear_probe")
   cfg = cell.config
-  ds, model, pretrained, variables = pretrained_model(cfg)
+  threads = int(cfg.threads)
+  layout.pin(threads)  # this process measures as one of the default layout's processes
+  sweep.enable_compile_cache(None)
+  ds, model, pretrained, variables = rates.pretrained_model(cfg)
   out = {"device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
-         "jax": jax.__version__, "train_examples": int(len(ds.train_x)),
+         "jax": jax.__version__, "layout": layout.describe(layout.current()),
+         "train_examples": int(len(ds.train_x)),
          "batch_size": int(min(cfg.train.batch_size, len(ds.train_x)))}
   out["train_images_per_s"] = train_rates(model, variables, ds, cfg.train)
+  out["machine_train_images_per_s"] = machine_rates(threads)
   out["linear_probe_cell"] = linear_probe_cell(cell, pretrained, ds, model)
   out["vmap_seeds"] = vmap_seeds(cfg.model, cfg.train, len(ds.train_x))
   with tempfile.TemporaryDirectory() as tmp:
     out["compile_seconds_per_cell"] = compile_per_cell(tmp)
     if not skip_sweep:
       out["sweep"] = sweep_breakdown(tmp)
+      floor = floor_lib.layout_floor(os.path.join(tmp, "sweep", "workdir"), threads,
+                                     out["sweep"]["workers"])
+      out["sweep"]["floor_seconds"] = floor["seconds"]
+      out["sweep"]["floor_ratio"] = out["sweep"]["seconds"] / floor["seconds"]
     if baseline:
       out["baseline_sweep_seconds"] = baseline_seconds(tmp)
   return out

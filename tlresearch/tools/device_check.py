@@ -278,7 +278,7 @@ def vmap_seeds(quick: bool) -> dict:
 def sweep_seconds() -> float:
   from tlresearch.tools import bench
   with tempfile.TemporaryDirectory() as tmp:
-    return bench.sweep_seconds(tmp)
+    return bench.sweep_breakdown(tmp)["seconds"]
 
 
 def _environment() -> dict:

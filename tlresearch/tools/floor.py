@@ -80,14 +80,14 @@ def _rate_worker(target: str) -> None:
   import time
   import jax
   import jax.numpy as jnp
-  from tlresearch.tools import bench
+  from tlresearch.tools import rates
   from tlresearch.training import programs
-  cfg = bench._default_cell("full").config
+  cfg = rates.default_cell("full").config
   with cfg.unlocked():
     cfg.target = target
-  ds, model, _, variables = bench.pretrained_model(cfg)
-  bench._images_per_s(model, variables, "full", ds, cfg.train, cached=False, epochs=1)
-  train = max(bench._images_per_s(model, variables, "full", ds, cfg.train, cached=False,
+  ds, model, _, variables = rates.pretrained_model(cfg)
+  rates.images_per_s(model, variables, "full", ds, cfg.train, cached=False, epochs=1)
+  train = max(rates.images_per_s(model, variables, "full", ds, cfg.train, cached=False,
                                   epochs=10) for _ in range(2))
   x, y = jnp.asarray(ds.val_x), jnp.asarray(ds.val_y)
   spec = programs.EvalSpec(model, None)
@@ -110,7 +110,8 @@ def _rates(target: str, cores: list) -> dict:
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD).strip()
     pin = None
     if core is not None:
-      cpu = sorted(os.sched_getaffinity(0))[core]
+      from tlresearch.core import layout
+      cpu = layout.cores()[core]
       pin = lambda c=cpu: os.sched_setaffinity(0, {c})  # noqa: E731 - run in the child
     procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, preexec_fn=pin,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -124,8 +125,9 @@ def _rates(target: str, cores: list) -> dict:
           "eval_total": sum(e["eval"] for e in each)}
 
 
-def measure(workdir: str, target: str) -> dict:
-  from tlresearch.tools import bench
+def _images(workdir: str) -> tuple[int, dict]:
+  """(finished cells, `count_images` of them) under `workdir`."""
+  from tlresearch.tools import rates
   from tlresearch.core import io
   from tlresearch import data as data_lib
   finals = [f for f in (io.read_json(p) for p in
@@ -135,12 +137,30 @@ def measure(workdir: str, target: str) -> dict:
   for name in sorted({f["target"] for f in finals}):
     ds = data_lib.load(name)
     sizes[name] = (len(ds.val_y), len(ds.test_y))
-  batch = int(bench._default_cell("full").config.train.batch_size)
-  images = count_images(finals, sizes, batch)
-  rates = {layout: _rates(target, cores) for layout, cores in LAYOUTS.items()
-           if len(cores) <= len(os.sched_getaffinity(0))}
-  return {"workdir": workdir, "cells": len(finals), "rate_target": target, "images": images,
+  batch = int(rates.default_cell("full").config.train.batch_size)
+  return len(finals), count_images(finals, sizes, batch)
+
+
+def measure(workdir: str, target: str) -> dict:
+  from tlresearch.core import layout
+  cells, images = _images(workdir)
+  rates = {name: _rates(target, cores) for name, cores in LAYOUTS.items()
+           if len(cores) <= len(layout.cores())}
+  return {"workdir": workdir, "cells": cells, "rate_target": target, "images": images,
           "rates": rates, "floor_seconds": floor_seconds(images, rates)}
+
+
+def layout_floor(workdir: str, threads: int, workers: int,
+                 target: str = "glyphs_input_shift") -> dict:
+  """The floor of the cells in `workdir` in one layout: `workers` processes with `threads`
+  threads each (1: one per core; 0: XLA's pool over every core)."""
+  name = (f"{'one_process' if workers == 1 else 'two_processes'}_"
+          f"{'one_thread' if threads == 1 else 'all_threads'}")
+  if name not in LAYOUTS:
+    raise ValueError(f"no floor layout for {workers} workers x {threads} threads")
+  _, images = _images(workdir)
+  rates = {name: _rates(target, LAYOUTS[name])}
+  return {"layout": name, "seconds": floor_seconds(images, rates)[name]}
 
 
 def main(argv: list[str]) -> int:
