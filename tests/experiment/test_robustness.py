@@ -293,16 +293,16 @@ def test_a_real_sigterm_keeps_progress_releases_the_lock_and_resumes(tmp_path):
   p = subprocess.Popen([sys.executable, "-m", "tlresearch.run", *args], env=env,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 240
-  while time.monotonic() < deadline and not list(work.glob("*/checkpoints/step-*")):
+  while time.monotonic() < deadline and not list(work.glob("cells/*/checkpoints/step-*")):
     time.sleep(0.2)
-  assert list(work.glob("*/checkpoints/step-*")), "training never started"
+  assert list(work.glob("cells/*/checkpoints/step-*")), "training never started"
   p.send_signal(signal.SIGTERM)
   _, err = p.communicate(timeout=120)
   assert p.returncode == 143, err[-2000:]
   assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM): finished cells and "
                                                  "checkpoints are kept")
   assert "Traceback" not in err
-  assert list(work.glob("*/checkpoints/step-*"))  # the progress is kept
+  assert list(work.glob("cells/*/checkpoints/step-*"))  # the progress is kept
   lock = io.directory_lock(str(work))
   assert lock.acquire()
   lock.release()

@@ -119,9 +119,9 @@ def test_concurrent_cells_equal_one_process(tmp_path, shared, serial):
 
 
 def _finished(work) -> int:
-  """Final and selection cells with a final.json (glob, unlike rglob, ignores the checkpoint
-  folders that appear and vanish meanwhile)."""
-  return len(glob.glob(f"{work}/*/final.json") + glob.glob(f"{work}/selection/*/final.json"))
+  """Final and selection cells with a final.json in the store (glob, unlike rglob, ignores
+  the checkpoint folders that appear and vanish meanwhile)."""
+  return len(glob.glob(f"{work}/cells/*/final.json"))
 
 
 def _children(pid: int) -> list[int]:
@@ -174,3 +174,35 @@ def _state(pid: int) -> str:
       return f.read().rsplit(")", 1)[1].split()[0]
   except (OSError, IndexError):
     return "gone"
+
+
+def test_a_pool_shared_by_several_experiments_has_the_compile_cache(tmp_path, monkeypatch):
+  # The workers take the persistent compilation cache when they start: it must be set first.
+  import jax
+  from experiments import dropout_ablation, finetune_sweep
+  seen = []
+
+  class FakePool:
+    def __init__(self, n, threads):
+      seen.append((n, threads, jax.config.jax_compilation_cache_dir))
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *_):
+      return False
+
+  monkeypatch.setattr(workers, "Pool", FakePool)
+  monkeypatch.setattr(workers, "count", lambda *_: 2)
+  before = jax.config.jax_compilation_cache_dir
+  loaded = []
+  for module in (finetune_sweep, dropout_ablation):
+    c = module.get_config()
+    c.cache_dir = str(tmp_path / "cache")
+    loaded.append((module.__name__, c, module))
+  try:
+    with run._shared_pool(loaded) as pool:
+      assert isinstance(pool, FakePool)
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+  assert seen == [(2, 1, str(tmp_path / "cache" / "jax_compilation_cache"))]

@@ -275,9 +275,10 @@ def _shared_pool(loaded):
     return
   import jax
   from tlresearch import data as data_lib
-  from tlresearch.experiment import workers
+  from tlresearch.experiment import sweep, workers
   config = loaded[0][1]
   workers.check(config.workers)
+  sweep.enable_compile_cache(config.cache_dir or None)  # the workers take it at their start
   n = workers.count(config.workers, 10**9, jax.default_backend(), data_lib.mocked())
   if n == 1:
     yield None
