@@ -25,7 +25,7 @@ import os
 import ml_collections
 import numpy as np
 
-from tlresearch.analysis import findings, report, transferability as tr
+from tlresearch.analysis import findings, transferability as tr
 from tlresearch.core import io, schema
 
 TARGETS = ("glyphs_input_shift", "digits")
@@ -171,7 +171,7 @@ def _scatter(r: findings.Results, out_dir: str) -> str:
         ax.set_ylabel("fine-tuned test accuracy (%)", fontsize=7)
   fig.tight_layout()
   path = os.path.join(out_dir, "scores_vs_accuracy.png")
-  report.save_figure(fig, path)
+  io.save_figure(fig, path)
   return path
 
 

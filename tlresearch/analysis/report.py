@@ -328,7 +328,7 @@ def plot(finals, axes, labels: dict, path: str, title: str) -> None:
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  save_figure(fig, path)
+  io.save_figure(fig, path)
 
 
 def line_plot(finals, series: list, path: str, title: str, metric: str = "test_accuracy",
@@ -371,18 +371,8 @@ def line_plot(finals, series: list, path: str, title: str, metric: str = "test_a
   ax.legend(fontsize=7)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_figure(fig, path)
+  io.save_figure(fig, path)
   return path
-
-
-def save_figure(fig, path: str) -> None:
-  """`fig` as a PNG at `path`, written whole or not at all (a temporary file, renamed), and
-  closed."""
-  import matplotlib.pyplot as plt
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
 
 
 def check(config) -> None:

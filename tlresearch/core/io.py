@@ -200,3 +200,13 @@ def signals_deferred():
         if signum == signal.SIGINT:
           raise KeyboardInterrupt
         os.kill(os.getpid(), signum)
+
+
+def save_figure(fig, path: str) -> None:
+  """`fig` as a PNG at `path`, written whole or not at all (a temporary file, renamed), and
+  closed."""
+  import matplotlib.pyplot as plt
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)

@@ -114,7 +114,7 @@ def pretrain() -> ml_collections.ConfigDict:
 
 def data() -> ml_collections.ConfigDict:
   """How tfds: and folder: datasets are read and split (tlresearch.data.splits.DataOptions);
-  the project's own datasets ignore it."""
+  the project's own datasets ignore it, except `drop_duplicates`."""
   d = ml_collections.ConfigDict()
   d.download = False           # tfds: may this run download and prepare a missing dataset
   d.val_fraction = 0.1         # carved from train (per class) when a dataset has no validation
@@ -124,6 +124,7 @@ def data() -> ml_collections.ConfigDict:
   d.val_examples = 0           # >0: a fixed random subset of validation (CPU smoke runs)
   d.test_examples = 0          # >0: the same for test; 0 = the whole split
   d.follow_external_links = False  # folder: follow symbolic links that leave the dataset's folder
+  d.drop_duplicates = False    # drop validation / test images that are also in an earlier split
   return d
 
 

@@ -147,11 +147,13 @@ def _read_split(split_dir: str, classes: list[str], size: int | None, name: str,
                     "--config.model.input_size=32")
   x = np.stack([images[i] for i in ok]) if ok else np.zeros((0, size or 1, size or 1, 3),
                                                                np.uint8)
-  return (x, np.asarray(labels, np.int32)[ok]), skipped
+  files = np.asarray([paths[i] for i in ok], dtype=object)
+  return (x, np.asarray(labels, np.int32)[ok], files), skipped
 
 
 def load(path: str, opts: DataOptions, size: int | None):
-  """(splits dict from `splits.assemble`, notes, class names, skipped paths) of folder:PATH."""
+  """(splits dict from `splits.assemble`: split -> (images, labels, files), notes, class
+  names, skipped paths) of folder:PATH."""
   name = f"folder:{path}"
   root = os.path.abspath(os.path.expanduser(path))
   dirs = {}
@@ -171,7 +173,7 @@ def load(path: str, opts: DataOptions, size: int | None):
     for split, d in dirs.items():
       arrays[split], bad = _read_split(d, classes, size, name, pool, walk)
       skipped += bad
-  for split, (x, _) in arrays.items():
+  for split, (x, *_) in arrays.items():
     if split != "train" and len(x) and x.shape[1:] != arrays["train"][0].shape[1:]:
       raise UserError(f"{name}: {split} images are {x.shape[1:3]}, train images "
                       f"{arrays['train'][0].shape[1:3]}: set model.input_size to resize them "

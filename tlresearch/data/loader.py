@@ -79,6 +79,9 @@ class Dataset:
   class_names: tuple[str, ...]
   skipped: tuple[str, ...] = ()
   notes: tuple[str, ...] = ()
+  # The file each example came from, per split (train, val, test), where there are files
+  # (folder datasets): messages and the data card name images by them.
+  sources: tuple[tuple[str, ...], ...] = ()
 
   def __repr__(self) -> str:
     return (f"Dataset({self.name!r}, train={len(self.train_y)}, val={len(self.val_y)}, "
@@ -195,8 +198,10 @@ def _k_shot(data: Dataset, k: int, seed: int) -> Dataset:
   rng = np.random.default_rng(seed)
   keep = np.sort(np.concatenate([
       rng.permutation(np.flatnonzero(data.train_y == c))[:k] for c in range(data.num_classes)]))
+  sources = ((tuple(data.sources[0][i] for i in keep),) + data.sources[1:]
+             if data.sources else ())
   return dataclasses.replace(data, train_x=_read_only(data.train_x[keep]),
-                             train_y=_read_only(data.train_y[keep]))
+                             train_y=_read_only(data.train_y[keep]), sources=sources)
 
 
 CLASS_SUBSETS = ("", "A", "B")
@@ -217,14 +222,14 @@ def _subset(data: Dataset, half: str) -> Dataset:
   relabel = np.full(data.num_classes, -1, np.int32)
   relabel[keep] = np.arange(keep.size)
 
-  def split(x, y):
-    idx = np.flatnonzero(relabel[y] >= 0)
-    return _read_only(x[idx]), _read_only(relabel[y[idx]])
-
-  return Dataset(f"{data.name}[{half}]", *split(data.train_x, data.train_y),
-                 *split(data.val_x, data.val_y), *split(data.test_x, data.test_y),
-                 num_classes=int(keep.size),
-                 class_names=tuple(data.class_names[i] for i in keep))
+  kept = [np.flatnonzero(relabel[y] >= 0) for y in (data.train_y, data.val_y, data.test_y)]
+  arrays = [a for x, y, idx in zip((data.train_x, data.val_x, data.test_x),
+                                   (data.train_y, data.val_y, data.test_y), kept)
+            for a in (_read_only(x[idx]), _read_only(relabel[y[idx]]))]
+  sources = (tuple(tuple(files[i] for i in idx) for files, idx in zip(data.sources, kept))
+             if data.sources else ())
+  return Dataset(f"{data.name}[{half}]", *arrays, num_classes=int(keep.size),
+                 class_names=tuple(data.class_names[i] for i in keep), sources=sources)
 
 
 PREFIXES = ("tfds:", "folder:")
@@ -260,10 +265,13 @@ def _load_resized(name: str, data_dir: str, size: int | None, opts: DataOptions)
     else:
       from tlresearch.data import folder
       splits, notes, class_names, skipped = folder.load(name[len("folder:"):], opts, size)
-    arrays = [_read_only(np.ascontiguousarray(a)) for s in ("train", "validation", "test")
-              for a in splits[s]]
+    arrays = [_read_only(np.ascontiguousarray(a)) for s in _SPLITS for a in splits[s][:2]]
+    sources = tuple(tuple(splits[s][2]) for s in _SPLITS) if len(splits["train"]) > 2 else ()
     data = Dataset(name, *arrays, num_classes=len(class_names), class_names=class_names,
-                   skipped=tuple(skipped), notes=tuple(notes))
+                   skipped=tuple(skipped), notes=tuple(notes), sources=sources)
+  if opts.drop_duplicates:
+    from tlresearch.data import checks
+    data = checks.drop_duplicates(data)
   if not mocked:
     with _lock:
       _cache[key] = data

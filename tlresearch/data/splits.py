@@ -21,6 +21,7 @@ class DataOptions:
   val_examples: int = 0       # >0: evaluate on this many validation examples (seeded subset)
   test_examples: int = 0      # >0: the same for test (CPU smoke runs; 0 = the whole split)
   follow_external_links: bool = False  # folder: follow links to files and folders outside it
+  drop_duplicates: bool = False  # any dataset: drop val / test images also in an earlier split
 
   @classmethod
   def from_config(cls, cfg) -> DataOptions:
@@ -69,41 +70,46 @@ def vtab1k(labels: np.ndarray, seed: int, name: str) -> tuple[np.ndarray, np.nda
   return np.sort(perm[:VTAB1K_TRAIN]), np.sort(perm[VTAB1K_TRAIN:need])
 
 
+def _take(split: tuple, idx: np.ndarray) -> tuple:
+  return tuple(a[idx] for a in split)
+
+
 def assemble(arrays: dict, opts: DataOptions, name: str) -> tuple[dict, list[str]]:
-  """train / validation / test (x, y) pairs from the splits a dataset has, and notes saying
-  what was carved. No test split: the dataset's validation split becomes the test split if
-  there is one, else test is carved from train. No validation split (or VTAB-1k): carved
-  from train, after the test split."""
-  x, y = arrays["train"]
+  """train / validation / test tuples (x, y, and any further per-example arrays, e.g. the
+  files a folder's images came from) from the splits a dataset has, and notes saying what
+  was carved. No test split: the dataset's validation split becomes the test split if there
+  is one, else test is carved from train. No validation split (or VTAB-1k): carved from
+  train, after the test split."""
+  train = arrays["train"]
   val, test = arrays.get("validation"), arrays.get("test")
   notes = []
   if test is None and val is not None:
     test, val = val, None
     notes.append(f"{name}: no test split; its validation split is the test split")
   elif test is None:
-    keep, cut = carve(y, opts.test_fraction, opts.split_seed)
-    test, (x, y) = (x[cut], y[cut]), (x[keep], y[keep])
+    keep, cut = carve(train[1], opts.test_fraction, opts.split_seed)
+    test, train = _take(train, cut), _take(train, keep)
     notes.append(f"{name}: no test split; carved {len(cut)} examples ({opts.test_fraction:g} "
                  f"per class, split_seed {opts.split_seed}) from train")
   if opts.vtab1k:
-    tr, va = vtab1k(y, opts.split_seed, name)
-    val, (x, y) = (x[va], y[va]), (x[tr], y[tr])
+    tr, va = vtab1k(train[1], opts.split_seed, name)
+    val, train = _take(train, va), _take(train, tr)
     notes.append(f"{name}: VTAB-1k, {len(tr)} train + {len(va)} validation drawn from train "
                  f"(split_seed {opts.split_seed})")
   elif val is None:
-    keep, cut = carve(y, opts.val_fraction, opts.split_seed)
-    val, (x, y) = (x[cut], y[cut]), (x[keep], y[keep])
+    keep, cut = carve(train[1], opts.val_fraction, opts.split_seed)
+    val, train = _take(train, cut), _take(train, keep)
     notes.append(f"{name}: no validation split; carved {len(cut)} examples "
                  f"({opts.val_fraction:g} per class, split_seed {opts.split_seed}) from train")
-  out = {"train": (x, y), "validation": val, "test": test}
+  out = {"train": train, "validation": val, "test": test}
   for split, cap in (("validation", opts.val_examples), ("test", opts.test_examples)):
     if 0 < cap < len(out[split][1]):
       keep = np.sort(np.random.default_rng(opts.split_seed).permutation(len(out[split][1]))[:cap])
       notes.append(f"{name}: {split} limited to {cap} of {len(out[split][1])} examples "
                    f"(data.{'val' if split == 'validation' else 'test'}_examples)")
-      out[split] = (out[split][0][keep], out[split][1][keep])
-  for split, (xs, _) in out.items():
-    if len(xs) == 0:
+      out[split] = _take(out[split], keep)
+  for split, arrays_ in out.items():
+    if len(arrays_[0]) == 0:
       raise UserError(f"{name}: the {split} split is empty (too few examples to carve one; "
                       "add examples or a folder for it)")
   return out, notes

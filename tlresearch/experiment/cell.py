@@ -13,6 +13,7 @@ import os
 import re
 import time
 
+import numpy as np
 from flax import traverse_util
 from sklearn import metrics as skm
 
@@ -20,7 +21,7 @@ from tlresearch import data as data_lib, models
 from tlresearch.analysis import probes
 from tlresearch.core import configs, io, layout, schema, timing
 from tlresearch.core.errors import UserError
-from tlresearch.data import preprocess
+from tlresearch.data import checks as data_checks, preprocess
 from tlresearch.deploy import recognizer
 from tlresearch.experiment import grid
 from tlresearch.methods import optim, penalty, strategies
@@ -44,7 +45,7 @@ def identity_defaults() -> dict:
   were (`configs.pick`)."""
   return ({f"train.{k}": v for k, v in train.IDENTITY_DEFAULTS.items()}
           | {f"model.{k}": v for k, v in models.IDENTITY_DEFAULTS.items()}
-          | {"data.follow_external_links": schema.data().follow_external_links})
+          | {f"data.{k}": schema.data()[k] for k in ("follow_external_links", "drop_duplicates")})
 
 
 def identity(config) -> dict:
@@ -125,19 +126,35 @@ def check(cfg) -> None:
   train.check(cfg.train)
 
 
-def check_all(cells) -> None:
-  """Every cell's values, every (target, classes, k_shot, seed, size) subset actually
-  loadable, and a pretrained head only where the target has the source task's classes."""
+def check_all(cells) -> list:
+  """Every cell's values, every dataset checked as a whole (tlresearch.data.checks: errors
+  raise, warnings are logged once), every (target, classes, k_shot, seed, size) subset
+  actually loadable, and a pretrained head only where the target has the source task's
+  classes. Returns (dataset, DataCheck) pairs, one per dataset, in grid order."""
   for cell in cells:
     check(cell.config)
-  loaded = set()
+  loaded, checked = set(), {}
+  # tfds.testing.mock_data's random labels may leave a class empty: its data is not checked
+  # (an image folder is read for real under it too).
+  mocked = data_lib.mocked()
   for c in cells:
     cfg = c.config
-    key = json.dumps([cfg.target, cfg.data_dir, cfg.class_subset, cfg.k_shot or 0, cfg.seed,
-                      cfg.model.input_size, cfg.data.to_dict()], sort_keys=True)
-    if key not in loaded:
-      loaded.add(key)
-      data_lib.load_for(cfg)
+    whole = [cfg.target, cfg.data_dir, cfg.class_subset, cfg.model.input_size,
+             cfg.data.to_dict()]
+    key = json.dumps(whole + [cfg.k_shot or 0, cfg.seed], sort_keys=True)
+    if key in loaded:
+      continue
+    loaded.add(key)
+    data_key = json.dumps(whole, sort_keys=True)
+    if data_key not in checked and not (mocked and not cfg.target.startswith("folder:")):
+      size = cfg.model.input_size
+      ds = data_lib.load(cfg.target, data_dir=cfg.data_dir or None,
+                         image_size=int(size) if size else None, options=cfg.data,
+                         class_subset=cfg.class_subset)
+      checked[data_key] = (ds, data_checks.inspect(ds))
+      for warning in checked[data_key][1].warnings:
+        log.warning("%s", warning)
+    data_lib.load_for(cfg)
   for c in cells:
     if c.config.pretrained_head:
       p = c.config.pretrain
@@ -147,6 +164,7 @@ def check_all(cells) -> None:
       if source.num_classes != target.num_classes:
         raise UserError(f"pretrained_head=True needs the source's {source.num_classes} classes, "
                         f"but {c.config.target} has {target.num_classes}")
+  return list(checked.values())
 
 
 def keeps_model(cfg) -> bool:
@@ -339,7 +357,9 @@ def final_record(cell, ds, data_report, model, strategy, variables,
   `variables` are the cell's starting ones; `source` its backbone's source head, if any."""
   cfg = cell.config
   pred = result.test_predictions
-  labels = list(range(ds.num_classes))
+  # Per-class metrics and their macro mean over the classes the test split has: a class
+  # with no test example has no recall or F1 to average (the data check warns of it).
+  labels = np.unique(ds.test_y).tolist()
   return {
       "cell_id": cell.id, "axes": cell.axes,
       "status": "diverged" if result.diverged else "ok", "diverged_at": result.diverged,
@@ -348,7 +368,7 @@ def final_record(cell, ds, data_report, model, strategy, variables,
       "test_macro_f1": float(skm.f1_score(ds.test_y, pred, labels=labels, average="macro",
                                           zero_division=0)),
       "classification_report": skm.classification_report(
-          ds.test_y, pred, labels=labels, target_names=list(ds.class_names), output_dict=True,
+          ds.test_y, pred, labels=labels, target_names=[ds.class_names[c] for c in labels], output_dict=True,
           zero_division=0),
       "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
       "budget_limited": result.budget_limited,

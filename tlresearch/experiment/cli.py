@@ -101,6 +101,10 @@ def apply_override(config, dotted: str, text: str) -> None:
       node = node[part]
   value = _literal(text)
   old = node[parts[-1]]
+  if isinstance(old, ml_collections.ConfigDict):
+    first = next(iter(old.keys()), "KEY")
+    raise UserError(f"config.{dotted} is a block of settings, not one value: set its keys one "
+                    f"at a time, e.g. --config.{dotted}.{first}=... (keys: {choices(old.keys())})")
   if isinstance(old, bool) and isinstance(value, str):
     value = {"true": True, "false": False}.get(value.lower(), value)
   try:

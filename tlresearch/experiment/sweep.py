@@ -20,6 +20,7 @@ from tlresearch import data as data_lib, models
 from tlresearch.analysis import findings as findings_lib, report
 from tlresearch.core import configs, io, layout, timing
 from tlresearch.core.errors import UserError
+from tlresearch.data import card as data_card
 from tlresearch.deploy import recognizer
 from tlresearch.experiment import cell as cell_lib, grid, selection, workers
 from tlresearch.methods import strategies
@@ -76,7 +77,7 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
     runner.start_workers(_unfinished(mine, sel_mine, workdir, overwrite))
     # every bad value and every bad dataset fails here, before training (in every task alike)
     with timing.phase("check"):
-      cell_lib.check_all(cells + sel_cells)
+      checked = cell_lib.check_all(cells + sel_cells)
       report.check(config)
     with _workdir_lock(workdir, name, task_index, num_tasks):
       if num_tasks > 1:
@@ -84,7 +85,8 @@ def run_grid(config, name: str, workdir: str, results_dir: str, overwrite: bool 
       finals, outcome, reused = train_cells(config, cells, name, workdir, runner)
       runner.close()
       with timing.phase("report"):
-        paths = write_results(config, name, results_dir, finals, outcome, findings, command)
+        paths = write_results(config, name, results_dir, finals, outcome, findings, command,
+                              checked)
   seconds = time.perf_counter() - t0
   print(f"{name}: {len(cells)} cells ({reused} reused) in {seconds:.0f}s; wrote "
         + ", ".join(paths))
@@ -137,8 +139,9 @@ def _run_task(config, cells, mine, name, workdir, runner, task_index, num_tasks,
 def merge_grid(config, name: str, workdir: str, results_dir: str,
                findings: findings_lib.Findings | None = None, command: str = "") -> dict:
   """Builds `results_dir/name/` from the cells the tasks of a sharded grid left in `workdir`,
-  exactly as `run_grid` in one process would. Trains nothing, so reads no data and loads no
-  backbone; while any cell is unfinished, raises UserError and writes nothing."""
+  exactly as `run_grid` in one process would. Trains nothing and loads no backbone; reads
+  the datasets for the data card; while any cell is unfinished, raises UserError and writes
+  nothing."""
   t0 = time.perf_counter()
   cells = grid.expand(config)
   report.check(config)
@@ -154,8 +157,9 @@ def merge_grid(config, name: str, workdir: str, results_dir: str,
   cells, outcome = selection.run(config, cells, read_selection)
   finals = _read_finals(cells, workdir)
   _check_all_finished(workdir, cells, finals)
+  checked = cell_lib.check_all(cells + selection.first_round(config, cells))
   recognizer.keep(config, cells, finals, cell_dirs(cells, workdir), kept_record(workdir, name))
-  paths = write_results(config, name, results_dir, finals, outcome, findings, command)
+  paths = write_results(config, name, results_dir, finals, outcome, findings, command, checked)
   seconds = time.perf_counter() - t0
   print(f"{name}: merged {len(cells)} cells"
         + (f" and {outcome.cells} selection cells" if outcome is not None else "")
@@ -378,9 +382,11 @@ def _programs_key(group) -> str:
 
 def write_results(config, name: str, results_dir: str, finals: list[dict],
                   outcome: selection.Outcome | None = None,
-                  findings: findings_lib.Findings | None = None, command: str = "") -> list[str]:
+                  findings: findings_lib.Findings | None = None, command: str = "",
+                  checked=()) -> list[str]:
   """The results folder `results_dir/name/` (tables, plots, runs.csv, selection.csv,
-  findings), replaced whole; built from the cells' final.json records only."""
+  findings, and the data card of `checked`'s (dataset, DataCheck) pairs), replaced whole;
+  the tables are built from the cells' final.json records only."""
   axes = grid.axes_of(config)
   # The reference row of the paired-difference table: the base config with that strategy.
   reference = tuple({**grid.base_axes(config), "strategy": config.report.reference}.values())
@@ -394,6 +400,8 @@ def write_results(config, name: str, results_dir: str, finals: list[dict],
     if findings is not None:
       names += [os.path.basename(p)
                 for p in findings_lib.write(folder, name, findings, finals, command)]
+    if checked:
+      names += data_card.write(folder, checked, config.data_dir or data_lib.default_data_dir())
     if config.report.classification_reports:
       io.write_text(os.path.join(folder, "classification_reports.md"),
                     _classification_reports(name, finals, dict(config.report.axis_labels)))

@@ -38,6 +38,8 @@ import tempfile
 import time
 import traceback
 
+from tlresearch.core import layout
+
 USAGE = ("usage: python -m tlresearch.tools.device_check --out=FILE.json [--quick] [--skip_sweep]")
 # Dense peak TFLOP/s by `device_kind` (vendor data sheets; fp32 without TF32, bf16 tensor
 # cores without sparsity), for the share of the peak a step achieves.
@@ -286,7 +288,7 @@ def _environment() -> dict:
   return {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
           "device_count": jax.device_count(), "jax": jax.__version__,
           "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "tensorflow_imported": "tensorflow" in sys.modules}
+          "tensorflow_imported": "tensorflow" in sys.modules, "layout": layout.current()}
 
 
 def run(quick: bool = False, skip_sweep: bool = False, log=print) -> dict:
@@ -317,6 +319,9 @@ def run(quick: bool = False, skip_sweep: bool = False, log=print) -> dict:
 
 def main(argv: list[str]) -> int:
   opts = _parse(argv)
+  # The check measures the machine: on a CPU, every core it was started with, in one XLA pool
+  # (a process started by a pinned one, e.g. from the test suite, would inherit one core).
+  layout.pin(layout.ALL)
   result = run(opts["quick"], opts["skip_sweep"], log=lambda m: print(m, file=sys.stderr))
   tmp = opts["out"] + ".tmp"
   with open(tmp, "w") as f:
