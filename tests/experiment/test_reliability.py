@@ -398,6 +398,9 @@ BAD_INPUTS = [
     (["--config.grid=[{'strategy': ['full'], 'target': ['digits']}]"],
      "grid axis 'target' is set by config.targets"),
     (["--config.targets=['digits', 'digits']"], "config.targets has a repeated target"),
+    (["--config.train={'lr': 0.1}"], "config.train is a block of settings, not one value: "
+                                     "set its keys one at a time, e.g. --config.train."),
+    (["--config.data=\"{'download': True}\""], "config.data is a block of settings"),
 ]
 
 
@@ -439,9 +442,32 @@ def test_bad_input_table(tmp_path, monkeypatch, capsys, extra, message):
   _expect_bad_input(tmp_path, monkeypatch, capsys, extra, message)
 
 
-def _expect_bad_input(tmp_path, monkeypatch, capsys, extra, message):
-  base = [a for a in _args(tmp_path, "bad") if not a.startswith("--experiment")]
-  if extra[0].startswith("--experiment"):
+# (environment variable, what it is set to, expected message): folders the command needs.
+BAD_ENVIRONMENT = [
+    ("TLRESEARCH_DATA_DIR", "a-file", "$TLRESEARCH_DATA_DIR="),
+    ("TLRESEARCH_CACHE_DIR", "a-file", "$TLRESEARCH_CACHE_DIR="),
+    ("HOME", "", "no home folder: $HOME is not set (or empty)"),
+    ("HOME", "relative/home", "no home folder"),
+]
+
+
+@pytest.mark.parametrize("var, value, message", BAD_ENVIRONMENT,
+                         ids=[f"{v}={x}" for v, x, _ in BAD_ENVIRONMENT])
+def test_bad_environment_table(tmp_path, monkeypatch, capsys, var, value, message):
+  if value == "a-file":
+    value = str(tmp_path / "a-file")
+    (tmp_path / "a-file").write_text("not a folder")
+  monkeypatch.setenv(var, value)
+  if var == "HOME":  # the folders under it are what the command would use
+    for other in ("TLRESEARCH_DATA_DIR", "TLRESEARCH_CACHE_DIR"):
+      monkeypatch.delenv(other, raising=False)
+  _expect_bad_input(tmp_path, monkeypatch, capsys, [], message, cache_flag=False)
+
+
+def _expect_bad_input(tmp_path, monkeypatch, capsys, extra, message, cache_flag=True):
+  base = [a for a in _args(tmp_path, "bad") if not a.startswith("--experiment")
+          and (cache_flag or not a.startswith("--config.cache_dir"))]
+  if extra and extra[0].startswith("--experiment"):
     argv = [*extra, *base]
   else:
     argv = ["--experiment=finetune_sweep", *base, *extra]

@@ -210,3 +210,29 @@ def save_figure(fig, path: str) -> None:
   fig.savefig(tmp, dpi=120)
   plt.close(fig)
   os.replace(tmp, path)
+
+
+def home() -> str:
+  """The user's home folder ($HOME, else the password database's), or UserError: without
+  one, "~/.cache" would become a folder named "~" wherever the command runs."""
+  from tlresearch.core.errors import UserError
+  path = os.path.expanduser("~")  # an empty $HOME expands to "/"
+  if os.environ.get("HOME") == "" or not os.path.isabs(path):
+    raise UserError("no home folder: $HOME is not set (or empty) and the user has none in the "
+                    "password database; set HOME, or TLRESEARCH_DATA_DIR and "
+                    "TLRESEARCH_CACHE_DIR to folders")
+  return path
+
+
+def env_folder(var: str, *under_home: str) -> str:
+  """The folder $`var` names, or home()/`under_home` when it is unset or empty; UserError
+  naming the variable when it names something that is not a folder."""
+  from tlresearch.core.errors import UserError
+  value = os.environ.get(var)
+  if not value:
+    return os.path.join(home(), *under_home)
+  path = os.path.abspath(os.path.expanduser(value))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"${var}={value} is not a folder: point it at a folder, or unset it for "
+                    f"~/{'/'.join(under_home)}")
+  return path

@@ -90,8 +90,8 @@ class Dataset:
 
 def default_data_dir() -> str:
   """$TLRESEARCH_DATA_DIR if set, else ~/.cache/tlresearch/tensorflow_datasets."""
-  return os.environ.get("TLRESEARCH_DATA_DIR") or os.path.join(
-      os.path.expanduser("~"), ".cache", "tlresearch", "tensorflow_datasets")
+  from tlresearch.core import io
+  return io.env_folder("TLRESEARCH_DATA_DIR", ".cache", "tlresearch", "tensorflow_datasets")
 
 
 def _builder(spec: DatasetSpec, data_dir: str) -> tfds.core.DatasetBuilder:

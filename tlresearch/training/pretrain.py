@@ -31,8 +31,8 @@ IDENTITY_FIELDS = ("dataset", "class_subset", "data_dir", "seed", "model") + tup
 
 
 def default_cache_dir() -> str:
-  return os.environ.get("TLRESEARCH_CACHE_DIR",
-                        os.path.join(os.path.expanduser("~"), ".cache", "tlresearch"))
+  """$TLRESEARCH_CACHE_DIR if set, else ~/.cache/tlresearch."""
+  return io.env_folder("TLRESEARCH_CACHE_DIR", ".cache", "tlresearch")
 
 
 def for_model(pretrain_cfg, model_cfg) -> ml_collections.ConfigDict:
