@@ -139,9 +139,9 @@ def _run_task(config, cells, mine, name, workdir, runner, task_index, num_tasks,
 def merge_grid(config, name: str, workdir: str, results_dir: str,
                findings: findings_lib.Findings | None = None, command: str = "") -> dict:
   """Builds `results_dir/name/` from the cells the tasks of a sharded grid left in `workdir`,
-  exactly as `run_grid` in one process would. Trains nothing and loads no backbone; reads
-  the datasets for the data card; while any cell is unfinished, raises UserError and writes
-  nothing."""
+  exactly as `run_grid` in one process would, except the data card (data.md): it trains
+  nothing, so it reads no data (a merge may run where the data is not) and loads no
+  backbone; while any cell is unfinished, raises UserError and writes nothing."""
   t0 = time.perf_counter()
   cells = grid.expand(config)
   report.check(config)
@@ -157,9 +157,8 @@ def merge_grid(config, name: str, workdir: str, results_dir: str,
   cells, outcome = selection.run(config, cells, read_selection)
   finals = _read_finals(cells, workdir)
   _check_all_finished(workdir, cells, finals)
-  checked = cell_lib.check_all(cells + selection.first_round(config, cells))
   recognizer.keep(config, cells, finals, cell_dirs(cells, workdir), kept_record(workdir, name))
-  paths = write_results(config, name, results_dir, finals, outcome, findings, command, checked)
+  paths = write_results(config, name, results_dir, finals, outcome, findings, command)
   seconds = time.perf_counter() - t0
   print(f"{name}: merged {len(cells)} cells"
         + (f" and {outcome.cells} selection cells" if outcome is not None else "")
