@@ -56,9 +56,7 @@ def _found(check: checks_lib.DataCheck, data) -> list[str]:
   if check.conflicts["count"]:
     out.append(f"- {check.conflicts['count']} images under more than one label; first: "
                + "; ".join(f"`{x}`" for x in check.conflicts["first"]))
-  dup_lines = [w for w in check.warnings if "image" in w and ("cop" in w or "duplicate" in w
-                                                              or "label" in w)]
-  out += [f"- {w}" for w in check.warnings if w not in dup_lines]
+  out += [f"- {w}" for w in check.gaps]
   if not out:
     out.append("- no duplicate images within or across splits, no image under two labels, "
                "every class in every split")

@@ -31,17 +31,16 @@ SHOWN = 3  # how many examples a warning names
 class DataCheck:
   """What `inspect` found. counts: split -> examples per class; duplicates: within a split
   ("train") or across ("test~train": test images that are also training images) -> number of
-  such images and the first few; conflicts: images that occur under more than one label."""
+  such images and the first few; conflicts: images that occur under more than one label;
+  gaps: the warnings about classes a split lacks; warnings: every warning line."""
   name: str
   class_names: tuple[str, ...]
   image_shape: tuple[int, ...]
   counts: dict
   duplicates: dict
   conflicts: dict
+  gaps: tuple[str, ...]
   warnings: tuple[str, ...]
-
-  def record(self) -> dict:
-    return dataclasses.asdict(self)
 
 
 def _arrays(data):
@@ -61,7 +60,7 @@ def _where(data, split: str, i: int) -> str:
   return f"{split}[{i}]"
 
 
-def shown(names: list[str], total: int | None = None) -> str:
+def _shown(names: list[str], total: int | None = None) -> str:
   total = len(names) if total is None else total
   return ", ".join(names[:SHOWN]) + (", ..." if total > SHOWN else "")
 
@@ -98,10 +97,21 @@ def _split_warnings(data, counts: dict) -> list[str]:
     missing = [data.class_names[c] for c, n in enumerate(counts[split]) if n == 0]
     if missing:
       out.append(f"{data.name}: {len(missing)} class{'es have' if len(missing) > 1 else ' has'} "
-                 f"no {split} image ({shown([repr(m) for m in missing])}): {why}"
+                 f"no {split} image ({_shown([repr(m) for m in missing])}): {why}"
                  + ("; a class needs 2 training images for one to be carved"
                     if any(n < 2 for n in counts["train"]) else ""))
   return out
+
+
+# (later split, earlier split): a later image that is also an earlier one is a duplicate.
+CROSS = (("validation", "train"), ("test", "train"), ("test", "validation"))
+
+
+def _cross_split(digests: dict, later: str, earlier: str) -> list[tuple[int, int]]:
+  """(index in `later`, index of its first copy in `earlier`) for every image of `later`
+  that is also in `earlier`."""
+  index = {d: i for i, d in reversed(list(enumerate(digests[earlier])))}
+  return [(i, index[d]) for i, d in enumerate(digests[later]) if d in index]
 
 
 def _duplicates(data, digests: dict) -> tuple[dict, dict, list[str]]:
@@ -115,17 +125,16 @@ def _duplicates(data, digests: dict) -> tuple[dict, dict, list[str]]:
                                f"{_where(data, split, first[digests[split][i]])}"
                                for i in again[:SHOWN]]}
       out.append(f"{data.name}: {len(again)} {split} image{'s are copies' if len(again) > 1 else ' is a copy'} "
-                 f"of another {split} image: {shown(dups[split]['first'], len(again))}")
-  for later, earlier in (("validation", "train"), ("test", "train"), ("test", "validation")):
-    index = {d: i for i, d in reversed(list(enumerate(digests[earlier])))}
-    hits = [(i, index[d]) for i, d in enumerate(digests[later]) if d in index]
+                 f"of another {split} image: {_shown(dups[split]['first'], len(again))}")
+  for later, earlier in CROSS:
+    hits = _cross_split(digests, later, earlier)
     if hits:
       key = f"{later}~{earlier}"
       dups[key] = {"count": len(hits), "first": [f"{_where(data, later, i)} = "
                                                  f"{_where(data, earlier, j)}"
                                                  for i, j in hits[:SHOWN]]}
       out.append(f"{data.name}: {len(hits)} {later} image{'s duplicate' if len(hits) > 1 else ' duplicates'} "
-                 f"{earlier} images: {shown(dups[key]['first'], len(hits))} "
+                 f"{earlier} images: {_shown(dups[key]['first'], len(hits))} "
                  "(data.drop_duplicates=True drops them)")
   labels: dict[bytes, set] = {}
   where: dict[bytes, str] = {}
@@ -139,7 +148,7 @@ def _duplicates(data, digests: dict) -> tuple[dict, dict, list[str]]:
                          for d in mixed[:SHOWN]]}
   if mixed:
     out.append(f"{data.name}: {len(mixed)} image{'s occur' if len(mixed) > 1 else ' occurs'} "
-               f"under more than one label: {shown(conflicts['first'], len(mixed))}")
+               f"under more than one label: {_shown(conflicts['first'], len(mixed))}")
   return dups, conflicts, out
 
 
@@ -158,8 +167,9 @@ def inspect(data) -> DataCheck:
   counts = {s: np.bincount(y, minlength=data.num_classes).tolist() for s, (_, y) in arrays.items()}
   digests = {s: _digests(x) for s, (x, _) in arrays.items()}
   dups, conflicts, dup_warnings = _duplicates(data, digests)
+  gaps = tuple(_split_warnings(data, counts))
   result = DataCheck(data.name, tuple(data.class_names), tuple(int(n) for n in data.train_x.shape[1:]),
-                     counts, dups, conflicts, tuple(_split_warnings(data, counts) + dup_warnings))
+                     counts, dups, conflicts, gaps, gaps + tuple(dup_warnings))
   _CACHE[data] = result
   return result
 
@@ -168,10 +178,10 @@ def drop_duplicates(data):
   """`data` without the validation images that are also training images and the test images
   that are also training or validation images (a note says how many went)."""
   digests = {s: _digests(x) for s, (x, _) in _arrays(data).items()}
-  train = set(digests["train"])
-  drop = {"validation": [i for i, d in enumerate(digests["validation"]) if d in train],
-          "test": [i for i, d in enumerate(digests["test"])
-                   if d in train or d in set(digests["validation"])]}
+  drop = {"validation": set(), "test": set()}
+  for later, earlier in CROSS:
+    drop[later].update(i for i, _ in _cross_split(digests, later, earlier))
+  drop = {s: sorted(d) for s, d in drop.items()}
   if not drop["validation"] and not drop["test"]:
     return data
   fields = {}
