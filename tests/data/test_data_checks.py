@@ -160,3 +160,43 @@ def test_the_sweep_logs_each_warning_once_per_dataset(tmp_path, caplog):
   lines = [r.getMessage() for r in caplog.records if "duplicate" in r.getMessage()]
   assert len(lines) == 1 and "1 validation image duplicates train images" in lines[0]
   assert len(checked) == 1 and checked[0][1].duplicates["validation~train"]["count"] == 1
+
+
+# ---------------------------------------------------------------- names that are not UTF-8
+# Linux gives a byte that is not UTF-8 to Python as a lone surrogate ("\udce9" for 0xe9):
+# these paths are the names an old archive or file system would have.
+
+def test_a_class_folder_whose_name_is_not_utf8_is_refused_in_one_line(tmp_path, monkeypatch,
+                                                                      capsys):
+  root = _folder(tmp_path / "images", classes=("cat", "caf\udce9"))
+  _expect_bad_input(tmp_path, monkeypatch, capsys, [f"--config.targets=['folder:{root}']"],
+                    f"folder:{root}: class folder train/ 'caf\\xe9' is not a UTF-8 name")
+
+
+def test_a_dataset_path_that_is_not_utf8_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+  root = _folder(tmp_path / "images\udcff")
+  _expect_bad_input(tmp_path, monkeypatch, capsys, [f"--config.targets=['folder:{root}']"],
+                    "images\\xff']' is not a UTF-8 name")
+  with pytest.raises(UserError, match=r"dataset folder '.*images\\xff' is not a UTF-8 name"):
+    _load(root)  # the library, called without the command line
+
+
+def test_file_names_that_are_not_utf8_are_read_and_shown_escaped(tmp_path):
+  from tlresearch.data import folder
+  from tlresearch.deploy import predict
+  root = _folder(tmp_path / "d")
+  shutil.copy(root / "train/cat/cat1.png", root / "test/cat/copy\udce9.png")
+  (root / "train/dog/bad\udcfe.png").write_bytes(b"not an image")
+  data = _load(root)
+  assert len(data.test_y) == 5 and len(data.skipped) == 1  # read, as the OS gives them
+  check = checks.inspect(data)
+  (warning,) = check.warnings
+  assert f"{root}/test/cat/copy\\xe9.png = {root}/train/cat/cat1.png" in warning
+  (tmp_path / "r").mkdir()
+  card.write(str(tmp_path / "r"), [(data, check)], str(tmp_path))
+  text = (tmp_path / "r" / "data.md").read_text(encoding="utf-8")
+  assert f"`{root}/test/cat/copy\\xe9.png = " in text and f"`{root}/train/dog/bad\\xfe.png`" in text
+  # The folder's digest (what a cell records of it) and what predict prints: text too.
+  assert len(folder.content_digest(str(root))) == 64
+  csv = predict.csv_text([(str(root / "test/cat/copy\udce9.png"), [("cat", 0.9)])], 1)
+  assert "copy\\xe9.png,cat,0.900000" in csv

@@ -87,14 +87,14 @@ def test_folder_errors_are_one_line_and_fast(tmp_path):
   (root / "train" / "fox").rmdir()
   with pytest.raises(UserError, match="images differ in size .*: set model.input_size"):
     data_lib.load(f"folder:{root}")
-  assert time.perf_counter() - t0 < 5
+  assert time.perf_counter() - t0 < 30  # each error before decoding the whole folder
 
 
 def test_tfds_dataset_not_prepared_fails_fast_saying_how_to_prepare(tmp_path):
   t0 = time.perf_counter()
   with pytest.raises(UserError) as err:
     data_lib.load("tfds:cifar10", data_dir=str(tmp_path))
-  assert time.perf_counter() - t0 < 5
+  assert time.perf_counter() - t0 < 30  # no download tried
   assert f"`tfds build cifar10 --data_dir={tmp_path}`" in str(err.value)
   assert "--config.data.download=True" in str(err.value)
   with pytest.raises(UserError, match=r"unknown TFDS dataset 'tfds:cifar1'; did you mean .*tfds:cifar10"):
@@ -205,8 +205,8 @@ def test_imagenet_experiment_without_weights_exits_before_training(tmp_path, mon
   with pytest.raises(UserError, match="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"):
     run.main(["--experiment=finetune_sweep_imagenet", f"--results_dir={tmp_path / 'r'}",
               f"--workdir={tmp_path / 'w'}", f"--config.data_dir={tmp_path / 'data'}"])
-  assert time.perf_counter() - t0 < 5
-  assert not (tmp_path / "r").exists()
+  assert not (tmp_path / "r").exists() and not (tmp_path / "w" / "cells").exists()
+  assert time.perf_counter() - t0 < 30  # no download tried, no dataset built
 
 
 def test_config_values_of_real_data_are_checked():

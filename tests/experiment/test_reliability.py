@@ -448,6 +448,7 @@ BAD_ENVIRONMENT = [
     ("TLRESEARCH_CACHE_DIR", "a-file", "$TLRESEARCH_CACHE_DIR="),
     ("HOME", "", "no home folder: $HOME is not set (or empty)"),
     ("HOME", "relative/home", "no home folder"),
+    ("TLRESEARCH_CACHE_DIR", "cache\udcff", "$TLRESEARCH_CACHE_DIR 'cache\\xff' is not a UTF-8"),
 ]
 
 

@@ -57,6 +57,18 @@ def test_mean_ci_is_a_t_interval():
   assert d == pytest.approx(0.1) and h == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 3, 16), (1, 1, 16, 32), (3, 3, 1, 24), (7, 7, 3, 8),
+                                   (40, 10)])
+def test_the_conv_kernel_init_is_bitwise_flax_lecun_normal(shape):
+  # layers.lecun_normal draws a 4-D kernel as a 2-D array (it compiles faster): the same
+  # numbers as flax's default init, which draws it in 4-D; depthwise (3, 3, 1, C) included.
+  from flax import linen as nn
+  from tlresearch.models import layers
+  key = jax.random.key(11)
+  np.testing.assert_array_equal(layers.lecun_normal(key, shape),
+                                nn.initializers.lecun_normal()(key, shape))
+
+
 def test_compiled_init_is_bitwise_the_eager_init():
   from tlresearch.training import programs
   model = models.build(tiny_model_cfg(dropout_rate=0.5), 7)

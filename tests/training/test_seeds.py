@@ -105,7 +105,12 @@ def _assert_same(alone, together):
       fa, fb = _flat(a.variables[part]), _flat(b.variables[part])
       assert fa.keys() == fb.keys()
       for p in fa:
-        np.testing.assert_allclose(fa[p], fb[p], rtol=1e-4, atol=1e-5, err_msg=f"{s} {p}")
+        # The batched program sums in another order: after a few epochs single weights
+        # differ by float noise relative to the tensor's scale, not to each weight's own
+        # (a seed mixed with another would differ by the scale itself).
+        scale = max(1.0, float(np.abs(fb[p]).max()))
+        np.testing.assert_allclose(fa[p], fb[p], rtol=1e-4, atol=1e-5 * scale,
+                                   err_msg=f"{s} {p}")
 
 
 @pytest.mark.parametrize("name", ["full", "linear_probe", "lp_ft"])

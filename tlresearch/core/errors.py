@@ -10,6 +10,12 @@ class UserError(Exception):
   """
 
 
+def shown(text) -> str:
+  """`text` as printable text: a byte of a name that is not UTF-8 (which Python keeps as a
+  lone surrogate, "surrogateescape") shows as \\xNN, e.g. caf\\xe9."""
+  return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def choices(names) -> str:
   return ", ".join(sorted(str(n) for n in names))
 
@@ -20,6 +26,6 @@ def exit_with(main) -> None:
   try:
     code = main(sys.argv[1:])
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {shown(e)}", file=sys.stderr)
     code = 2
   sys.exit(code)

@@ -6,6 +6,8 @@ import json
 import os
 import tempfile
 
+from tlresearch.core.errors import UserError, shown  # noqa: F401 - shown: for io's callers
+
 
 def _umask() -> int:
   mask = os.umask(0)
@@ -152,7 +154,6 @@ def check_writable(path: str, what: str) -> None:
   """UserError naming `what` and the path unless folder `path` can be written, or created
   and written: a file in the way, a read-only or full disk. Creates nothing: a missing
   folder is checked at its nearest existing parent."""
-  from tlresearch.core.errors import UserError
   probe_dir = os.path.abspath(path)
   while not os.path.exists(probe_dir):
     probe_dir = os.path.dirname(probe_dir)
@@ -202,6 +203,21 @@ def signals_deferred():
         os.kill(os.getpid(), signum)
 
 
+def not_utf8(name: str) -> bool:
+  """Whether `name` (as the OS gave it) holds a byte that is not UTF-8: Python keeps such a
+  byte as a lone surrogate ("surrogateescape"), which no UTF-8 file or terminal accepts."""
+  return any("\udc80" <= ch <= "\udcff" for ch in str(name))
+
+
+def check_utf8(name: str, what: str) -> None:
+  """UserError naming `what` unless `name` is UTF-8 text: names the project writes into
+  configs, tables, cell folders and kept models must be text, never raw bytes."""
+  if not_utf8(name):
+    raise UserError(f"{what} '{shown(name)}' is not a UTF-8 name (\\xNN marks the byte that is "
+                    "not): rename it, e.g. convmv -f latin1 -t utf-8, or link it under a "
+                    "UTF-8 name")
+
+
 def save_figure(fig, path: str) -> None:
   """`fig` as a PNG at `path`, written whole or not at all (a temporary file, renamed), and
   closed."""
@@ -215,22 +231,22 @@ def save_figure(fig, path: str) -> None:
 def home() -> str:
   """The user's home folder ($HOME, else the password database's), or UserError: without
   one, "~/.cache" would become a folder named "~" wherever the command runs."""
-  from tlresearch.core.errors import UserError
   path = os.path.expanduser("~")  # an empty $HOME expands to "/"
   if os.environ.get("HOME") == "" or not os.path.isabs(path):
     raise UserError("no home folder: $HOME is not set (or empty) and the user has none in the "
                     "password database; set HOME, or TLRESEARCH_DATA_DIR and "
                     "TLRESEARCH_CACHE_DIR to folders")
+  check_utf8(path, "the home folder")
   return path
 
 
 def env_folder(var: str, *under_home: str) -> str:
   """The folder $`var` names, or home()/`under_home` when it is unset or empty; UserError
   naming the variable when it names something that is not a folder."""
-  from tlresearch.core.errors import UserError
   value = os.environ.get(var)
   if not value:
     return os.path.join(home(), *under_home)
+  check_utf8(value, f"${var}")
   path = os.path.abspath(os.path.expanduser(value))
   if os.path.exists(path) and not os.path.isdir(path):
     raise UserError(f"${var}={value} is not a folder: point it at a folder, or unset it for "

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tlresearch.core import io
 from tlresearch.core.errors import UserError
 from tlresearch.data.images import resize_pil
 from tlresearch.data.splits import assemble, DataOptions
@@ -114,6 +115,8 @@ def _read_split(split_dir: str, classes: list[str], size: int | None, name: str,
                 walk: Walk):
   present = sorted(d for d in os.listdir(split_dir)
                    if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith("."))
+  for c in present:  # class names go into tables, reports and the kept model's card
+    io.check_utf8(c, f"{name}: class folder {os.path.basename(split_dir)}/")
   unknown = sorted(set(present) - set(classes))
   if unknown:
     raise UserError(f"{name}: class folder '{unknown[0]}' in {split_dir} is not in train; "
@@ -130,7 +133,9 @@ def _read_split(split_dir: str, classes: list[str], size: int | None, name: str,
     paths += files
     labels += [label] * len(files)
   images = list(pool.map(lambda p: _decode(p, size), paths))
-  skipped = [p for p, im in zip(paths, images) if im is None]
+  # File names are read as the OS gives them, and recorded as text (\\xNN for a byte that
+  # is not UTF-8): they are only shown.
+  skipped = [io.shown(p) for p, im in zip(paths, images) if im is None]
   ok = [i for i, im in enumerate(images) if im is not None]
   read = np.bincount(np.asarray(labels, np.int64)[ok], minlength=len(classes))
   for label, c in enumerate(classes):
@@ -147,7 +152,7 @@ def _read_split(split_dir: str, classes: list[str], size: int | None, name: str,
                     "--config.model.input_size=32")
   x = np.stack([images[i] for i in ok]) if ok else np.zeros((0, size or 1, size or 1, 3),
                                                                np.uint8)
-  files = np.asarray([paths[i] for i in ok], dtype=object)
+  files = np.asarray([io.shown(paths[i]) for i in ok], dtype=object)
   return (x, np.asarray(labels, np.int32)[ok], files), skipped
 
 
@@ -155,6 +160,7 @@ def load(path: str, opts: DataOptions, size: int | None):
   """(splits dict from `splits.assemble`: split -> (images, labels, files), notes, class
   names, skipped paths) of folder:PATH."""
   name = f"folder:{path}"
+  io.check_utf8(path, "dataset folder")
   root = os.path.abspath(os.path.expanduser(path))
   dirs = {}
   for split, candidates in SPLIT_DIRS.items():
@@ -181,7 +187,7 @@ def load(path: str, opts: DataOptions, size: int | None):
   splits, notes = assemble({s: a for s, a in arrays.items() if len(a[0])}, opts, name)
   if walk.links:
     notes = [f"{name}: {len(walk.links)} links not followed or files counted once: "
-             + "; ".join(walk.links[:3]) + ("; ..." if len(walk.links) > 3 else "")] + list(notes)
+             + "; ".join(io.shown(s) for s in walk.links[:3]) + ("; ..." if len(walk.links) > 3 else "")] + list(notes)
   return splits, notes, tuple(classes), skipped
 
 
@@ -206,7 +212,7 @@ def content_digest(path: str, follow_external: bool = False) -> str:
   root = os.path.abspath(os.path.expanduser(path))
   key = (os.path.realpath(root), follow_external, fingerprint(path))
   if key not in _DIGESTS:
-    h = hashlib.sha256(key[0].encode())
+    h = hashlib.sha256(key[0].encode("utf-8", "surrogateescape"))
     walk = Walk(root, follow_external)
     for names in SPLIT_DIRS.values():
       for split in names:
@@ -216,7 +222,8 @@ def content_digest(path: str, follow_external: bool = False) -> str:
         for c in sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith(".")):
           for f in walk.files(os.path.join(d, c)):
             st = os.stat(f)
-            h.update(f"{os.path.relpath(f, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{os.path.relpath(f, root)}|{st.st_size}|{st.st_mtime_ns}\n".encode(
+                "utf-8", "surrogateescape"))
     _DIGESTS[key] = h.hexdigest()
   return _DIGESTS[key]
 

@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from tlresearch.core import io
 from tlresearch.core.errors import choices, UserError
 from tlresearch.data import folder
 from tlresearch.data.images import resize_pil
@@ -75,7 +76,6 @@ def load(path: str) -> Model:
 def _load_jax_export(path: str) -> Model:
   import jax
   from tlresearch.deploy import export
-  from tlresearch.core import io
   try:
     card = io.read_json(os.path.join(path, export.EXPORT_CARD))
     size = (card["input"]["height"], card["input"]["width"])
@@ -204,7 +204,7 @@ def csv_text(results, k: int) -> str:
   writer = csv.writer(buf, lineterminator="\n")
   writer.writerow(["path"] + [f"rank{i}_{c}" for i in range(1, k + 1) for c in ("label", "prob")])
   for path, labels in results:
-    writer.writerow([path] + [x for label, p in labels for x in (label, f"{p:.6f}")])
+    writer.writerow([io.shown(path)] + [x for label, p in labels for x in (label, f"{p:.6f}")])
   return buf.getvalue()
 
 
@@ -231,7 +231,6 @@ def _parse(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 def main(argv: list[str]) -> int:
-  from tlresearch.core import io
   flags, paths = _parse(argv)
   if "help" in flags:
     print(__doc__)
@@ -254,9 +253,9 @@ def main(argv: list[str]) -> int:
   t0 = time.perf_counter()
   for res, skip in batches(model, files, top_k, batch_size):
     for path in skip:
-      print(f"skipped: {path} (not a readable image)", file=sys.stderr)
+      print(f"skipped: {io.shown(path)} (not a readable image)", file=sys.stderr)
     for path, labels in res:
-      print(path + "".join(f"\t{label} {p:.3f}" for label, p in labels))
+      print(io.shown(path) + "".join(f"\t{label} {p:.3f}" for label, p in labels))
     results += res
     skipped += skip
   seconds = time.perf_counter() - t0

@@ -209,29 +209,85 @@ def data_digest(cfg) -> str | None:
                                bool(cfg.data.follow_external_links))
 
 
-def finished(cell_dir: str, cell) -> dict | None:
-  """The cell's final.json when it finished under exactly this config and holds what the
-  tables need, named as this grid names the cell; else None (a damaged one is reported: the cell trains again)."""
+def _first_difference(a, b, prefix: str = "") -> tuple[str, object, object]:
+  """(dotted key, a's value, b's value) at the first key where two identities differ."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    for key in sorted(set(a) | set(b), key=str):
+      x, y = a.get(key, configs.MISSING), b.get(key, configs.MISSING)
+      if x != y:
+        return _first_difference(x, y, f"{prefix}{key}.")
+  return prefix.rstrip("."), a, b
+
+
+def not_its_own(cell_dir: str, cell) -> str | None:
+  """Why the files in `cell_dir` are not `cell`'s own, or None when the folder is missing,
+  empty, or holds only this cell's files (finished, or interrupted with a checkpoint to
+  resume). Not its own: no readable config.json, another cell's config.json (a folder
+  copied in from elsewhere), a `folder:` dataset that changed since it trained, a final.json
+  that is damaged or disagrees with its config.json."""
+  try:
+    names = [n for n in os.listdir(cell_dir) if not n.startswith(".")]
+  except FileNotFoundError:
+    return None
+  except NotADirectoryError:
+    return "it is a file, not a cell folder"
+  if not names:
+    return None
   try:
     saved = io.read_json(os.path.join(cell_dir, "config.json"))
+  except (OSError, ValueError):
+    return f"it holds {', '.join(sorted(names))} but no readable config.json"
+  if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+    return "its config.json is not a cell's config"
+  theirs, mine = identity(saved["config"]), identity(cell.config)
+  if theirs != mine:
+    key, was, now = _first_difference(theirs, mine)
+    return f"its config.json is another cell's ({key} {was!r}, this cell's {now!r})"
+  if saved.get("data_digest") != data_digest(cell.config):
+    return f"the files of {cell.config.target} changed since it trained"
+  if "final.json" not in names:
+    return None
+  try:
+    final = io.read_json(os.path.join(cell_dir, "final.json"))
+  except (OSError, ValueError) as e:
+    return f"its final.json is unreadable ({type(e).__name__})"
+  problem = final_problem(final, cell)
+  if problem is None and (final["cell_id"] != saved.get("cell_id")
+                          or final["target"] != cell.config.target
+                          or final["seed"] != cell.config.seed):
+    problem = "it is another cell's record"
+  return None if problem is None else f"its final.json cannot be reused ({problem})"
+
+
+def finished(cell_dir: str, cell) -> dict | None:
+  """The cell's final.json when its folder is its own (`not_its_own`) and it finished;
+  else None (`set_aside` moves a folder that is not its own out of the way)."""
+  if not_its_own(cell_dir, cell) is not None:
+    return None
+  try:
     final = io.read_json(os.path.join(cell_dir, "final.json"))
   except (OSError, ValueError):
-    return None
-  if not isinstance(saved, dict) or identity(saved.get("config", {})) != identity(cell.config):
-    return None
-  if saved.get("data_digest") != data_digest(cell.config):
-    log.info("%s: the files of %s changed since the cell trained: it trains again", cell_dir,
-             cell.config.target)
-    return None
-  problem = final_problem(final, cell)
-  if problem is None and final["cell_id"] != saved.get("cell_id"):
-    problem = "it is another cell's record"
-  if problem is not None:
-    log.warning("%s/final.json cannot be reused (%s): the cell trains again", cell_dir, problem)
     return None
   # The store's record, under this grid's name for the cell (another experiment may have
   # trained it, under its own axes).
   return {**final, "cell_id": cell.id, "axes": cell.axes}
+
+
+def set_aside(cell_dir: str, cell) -> str | None:
+  """Before `cell` trains: a folder that is not its own (`not_its_own`) is moved to
+  `<cell_dir>.stale-N`, never deleted or mixed with the new run's files, with one warning
+  line; the cell then trains from scratch. Returns where it went, or None."""
+  why = not_its_own(cell_dir, cell)
+  if why is None:
+    return None
+  n = 1
+  while os.path.lexists(f"{cell_dir}.stale-{n}"):
+    n += 1
+  aside = f"{cell_dir}.stale-{n}"
+  os.rename(cell_dir, aside)
+  log.warning("%s: %s; moved it to %s: the cell trains from scratch", cell_dir, why,
+              os.path.basename(aside))
+  return aside
 
 
 # ---------------------------------------------------------------- training
@@ -368,8 +424,8 @@ def final_record(cell, ds, data_report, model, strategy, variables,
       "test_macro_f1": float(skm.f1_score(ds.test_y, pred, labels=labels, average="macro",
                                           zero_division=0)),
       "classification_report": skm.classification_report(
-          ds.test_y, pred, labels=labels, target_names=[ds.class_names[c] for c in labels], output_dict=True,
-          zero_division=0),
+          ds.test_y, pred, labels=labels, target_names=[ds.class_names[c] for c in labels],
+          output_dict=True, zero_division=0),
       "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
       "budget_limited": result.budget_limited,
       "trainable_params": trainable_params(variables, strategy),

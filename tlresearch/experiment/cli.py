@@ -34,6 +34,7 @@ import os
 import pkgutil
 import sys
 
+from tlresearch.core import io
 from tlresearch.core.errors import UserError, choices
 
 USAGE = ("usage: python -m tlresearch.run --experiment=NAME [--workdir=DIR] [--results_dir=DIR] "
@@ -62,6 +63,7 @@ def experiments() -> dict[str, str]:
 def parse_args(argv: list[str]) -> tuple[dict, list[tuple[str, str]]]:
   flags, overrides = {}, []
   for arg in argv:
+    io.check_utf8(arg, "argument")
     if not arg.startswith("--"):
       raise UserError(f"unexpected argument '{arg}'; {USAGE}")
     key, eq, value = arg[2:].partition("=")
@@ -225,7 +227,6 @@ def main(argv: list[str]) -> int:
     return 0
   summaries = run_sweeps(flags, loaded, argv)
   if os.environ.get("TLRESEARCH_TIMINGS"):  # python -m tlresearch.tools.bench reads the breakdown
-    from tlresearch.core import io
     io.write_json(os.environ["TLRESEARCH_TIMINGS"], summaries[-1] if len(summaries) == 1
                   else {"experiments": summaries})
   return 0
@@ -358,11 +359,10 @@ def cli() -> None:
   try:
     code = main(sys.argv[1:])
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {io.shown(e)}", file=sys.stderr)
     code = 2
   except OSError as e:  # a full disk, a folder that became read-only, ...: the machine said no
-    from tlresearch.core import io
-    print(f"error: {io.os_error_line(e)}", file=sys.stderr)
+    print(f"error: {io.shown(io.os_error_line(e))}", file=sys.stderr)
     code = 3
   except KeyboardInterrupt as e:
     # Finished cells and each cell's latest checkpoint stay: the same command resumes.

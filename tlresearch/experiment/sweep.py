@@ -323,6 +323,8 @@ class CellRunner:
       if self.retrained is not None:
         shutil.rmtree(dirs[c.id], ignore_errors=True)
         self.retrained.add(dirs[c.id])
+      else:
+        cell_lib.set_aside(dirs[c.id], c)
     self.trained += len(todo)
     needs = {c.id: strategies.get(c.config.strategy,
                                   models.groups_of(c.config.model)).pretrained for c in todo}

@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import flax.linen as nn
 
+from tlresearch.models import layers
 from tlresearch.models.groups import KerasFamily
 
 # (expansion, filters, stride) of Keras's blocks 0..16.
@@ -54,17 +55,17 @@ class InvertedResidual(nn.Module):
   def __call__(self, x, use_running_average: bool):
     inputs, channels = x, x.shape[-1]
     if self.expand:
-      x = nn.Conv(self.expansion * channels, (1, 1), use_bias=False, name="expand")(x)
+      x = layers.Conv(self.expansion * channels, (1, 1), use_bias=False, name="expand")(x)
       x = nn.relu6(_bn(use_running_average, "expand_bn")(x))
     if self.strides == 2:
       h, w = x.shape[1:3]
       padding = ((h % 2, 1), (w % 2, 1))  # Keras's correct_pad: odd sizes pad both sides
     else:
       padding = "SAME"
-    x = nn.Conv(x.shape[-1], (3, 3), (self.strides, self.strides), padding=padding,
+    x = layers.Conv(x.shape[-1], (3, 3), (self.strides, self.strides), padding=padding,
                 feature_group_count=x.shape[-1], use_bias=False, name="depthwise")(x)
     x = nn.relu6(_bn(use_running_average, "depthwise_bn")(x))
-    x = nn.Conv(self.filters, (1, 1), use_bias=False, name="project")(x)
+    x = layers.Conv(self.filters, (1, 1), use_bias=False, name="project")(x)
     x = _bn(use_running_average, "project_bn")(x)
     if channels == self.filters and self.strides == 1:
       x = inputs + x
@@ -88,7 +89,7 @@ class Stage(nn.Module):
   @nn.compact
   def __call__(self, x, use_running_average: bool):
     if self.group == "stem":
-      x = nn.Conv(make_divisible(32 * self.alpha), (3, 3), (2, 2), padding="SAME",
+      x = layers.Conv(make_divisible(32 * self.alpha), (3, 3), (2, 2), padding="SAME",
                   use_bias=False, name="conv")(x)
       x = nn.relu6(_bn(use_running_average, "bn")(x))
     for b in GROUP_BLOCKS[self.group]:
@@ -97,7 +98,7 @@ class Stage(nn.Module):
                            expand=b > 0, name=f"block{b}")(x, use_running_average)
     if self.group == "stage4":
       features = make_divisible(1280 * self.alpha) if self.alpha > 1.0 else 1280
-      x = nn.Conv(features, (1, 1), use_bias=False, name="conv")(x)
+      x = layers.Conv(features, (1, 1), use_bias=False, name="conv")(x)
       x = nn.relu6(_bn(use_running_average, "bn")(x))
     return x
 

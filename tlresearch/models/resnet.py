@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from tlresearch.models import layers
 from tlresearch.models.groups import Grouped, numbered
 from tlresearch.models.heads import Head, HeadSpec
 
@@ -25,15 +26,15 @@ class BasicBlock(nn.Module):
   def __call__(self, x, use_running_average: bool):
     norm = lambda name: nn.BatchNorm(use_running_average=use_running_average, momentum=0.9,
                                      name=name)
-    y = nn.Conv(self.features, (3, 3), (self.strides, self.strides), use_bias=False,
+    y = layers.Conv(self.features, (3, 3), (self.strides, self.strides), use_bias=False,
                 name="conv1")(x)
     y = nn.relu(norm("bn1")(y))
-    y = nn.Conv(self.features, (3, 3), use_bias=False, name="conv2")(y)
+    y = layers.Conv(self.features, (3, 3), use_bias=False, name="conv2")(y)
     # Zero-init of the last BN scale makes every block start as the identity (Goyal et al.).
     y = nn.BatchNorm(use_running_average=use_running_average, momentum=0.9,
                      scale_init=nn.initializers.zeros, name="bn2")(y)
     if x.shape != y.shape:
-      x = nn.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=False,
+      x = layers.Conv(self.features, (1, 1), (self.strides, self.strides), use_bias=False,
                   name="proj_conv")(x)
       x = norm("proj_bn")(x)
     return nn.relu(x + y)
@@ -45,7 +46,7 @@ class Stem(nn.Module):
 
   @nn.compact
   def __call__(self, x, use_running_average: bool):
-    x = nn.Conv(self.features, (3, 3), (self.strides, self.strides), use_bias=False,
+    x = layers.Conv(self.features, (3, 3), (self.strides, self.strides), use_bias=False,
                 name="conv")(x)
     x = nn.BatchNorm(use_running_average=use_running_average, momentum=0.9, name="bn")(x)
     return nn.relu(x)

@@ -17,6 +17,7 @@ from typing import ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tlresearch.models import layers
 from tlresearch.models.groups import KerasFamily, numbered
 
 STAGE_BLOCKS = (3, 4, 6, 3)
@@ -38,13 +39,13 @@ class Bottleneck(nn.Module):
     s = (self.strides, self.strides)
     shortcut = x
     if self.project:
-      shortcut = nn.Conv(4 * self.filters, (1, 1), s, padding="VALID", name="proj_conv")(x)
+      shortcut = layers.Conv(4 * self.filters, (1, 1), s, padding="VALID", name="proj_conv")(x)
       shortcut = _bn(use_running_average, "proj_bn")(shortcut)
-    y = nn.Conv(self.filters, (1, 1), s, padding="VALID", name="conv1")(x)
+    y = layers.Conv(self.filters, (1, 1), s, padding="VALID", name="conv1")(x)
     y = nn.relu(_bn(use_running_average, "bn1")(y))
-    y = nn.Conv(self.filters, (3, 3), padding="SAME", name="conv2")(y)
+    y = layers.Conv(self.filters, (3, 3), padding="SAME", name="conv2")(y)
     y = nn.relu(_bn(use_running_average, "bn2")(y))
-    y = nn.Conv(4 * self.filters, (1, 1), padding="VALID", name="conv3")(y)
+    y = layers.Conv(4 * self.filters, (1, 1), padding="VALID", name="conv3")(y)
     y = _bn(use_running_average, "bn3")(y)
     return nn.relu(shortcut + y)
 
@@ -54,7 +55,7 @@ class Stem(nn.Module):
 
   @nn.compact
   def __call__(self, x, use_running_average: bool):
-    x = nn.Conv(self.features, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv")(x)
+    x = layers.Conv(self.features, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="conv")(x)
     x = nn.relu(_bn(use_running_average, "bn")(x))
     # Keras pads with zeros, then pools; after the ReLU that equals padding with -inf.
     x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import flax.linen as nn
 
+from tlresearch.models import layers
 from tlresearch.models.groups import KerasFamily, numbered
 
 # (convolutions, width multiple of `width`) per block.
@@ -29,7 +30,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     for i in range(self.num_convs):
-      x = nn.relu(nn.Conv(self.features, (3, 3), padding="SAME", name=f"conv{i + 1}")(x))
+      x = nn.relu(layers.Conv(self.features, (3, 3), padding="SAME", name=f"conv{i + 1}")(x))
     return nn.max_pool(x, (2, 2), (2, 2))
 
 

@@ -130,8 +130,11 @@ def _images(workdir: str) -> tuple[int, dict]:
   from tlresearch.tools import rates
   from tlresearch.core import io
   from tlresearch import data as data_lib
+  # A cell folder moved aside (`<cell>.stale-N`, tlresearch.experiment.cell.set_aside) is
+  # not one of the workdir's cells.
   finals = [f for f in (io.read_json(p) for p in
-                        glob.glob(os.path.join(workdir, "**", "final.json"), recursive=True))
+                        glob.glob(os.path.join(workdir, "**", "final.json"), recursive=True)
+                        if ".stale-" not in os.path.basename(os.path.dirname(p)))
             if f.get("status") == "ok"]
   sizes = {}
   for name in sorted({f["target"] for f in finals}):

@@ -118,18 +118,20 @@ class FitCheckpointer:
   """
 
   def __init__(self, directory: str, fingerprint: str, every_epochs: int = 1,
-               min_seconds: float = 0.0, keep: int = 2):
+               min_seconds: float = 0.0, keep: int = 2, _failed: list | None = None):
     self.rolling = Rolling(directory, keep)
     self.fingerprint = fingerprint
     self.every_epochs, self.min_seconds = max(1, int(every_epochs)), float(min_seconds)
     self._last_epoch, self._last_time = 0, time.monotonic()
+    # Whether a save failed, shared with this run's parts: the failure is said once per run.
+    self._failed = [False] if _failed is None else _failed
 
   def part(self, i: int) -> "FitCheckpointer":
     """The checkpointer of part i of one run (a soup's i-th ingredient): its own folder
     below this one's, under the same policy."""
     return FitCheckpointer(os.path.join(self.rolling.directory, f"part{i}"),
                            f"{self.fingerprint}-part{i}", self.every_epochs, self.min_seconds,
-                           self.rolling.keep)
+                           self.rolling.keep, self._failed)
 
   def peek(self) -> dict | None:
     """Meta of the newest checkpoint saved under this fingerprint (arrays not yet read)."""
@@ -155,11 +157,24 @@ class FitCheckpointer:
     return tree
 
   def maybe_save(self, epochs_done: int, tree_fn, meta: dict) -> bool:
-    if (epochs_done - self._last_epoch < self.every_epochs
+    """Saves when the policy says so; False when it did not save. A save that fails (a full
+    disk, a folder made read-only) is said once, in one line, and no later save is tried:
+    the run goes on and finishes; a kill then resumes from the last checkpoint saved."""
+    if (self._failed[0] or epochs_done - self._last_epoch < self.every_epochs
         or time.monotonic() - self._last_time < self.min_seconds):
       return False
-    self.rolling.save(epochs_done, tree_fn(), {**meta, "fingerprint": self.fingerprint,
-                                               "epochs_done": epochs_done})
+    tree = tree_fn()
+    try:
+      self.rolling.save(epochs_done, tree, {**meta, "fingerprint": self.fingerprint,
+                                            "epochs_done": epochs_done})
+    except Exception as e:  # noqa: BLE001 - OSError, or whatever Orbax/TensorStore raise
+      self._failed[0] = True
+      why = io.os_error_line(e) if isinstance(e, OSError) else (
+          str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
+      log.warning("%s: a checkpoint could not be written (%s): the cell goes on and saves "
+                  "no more, so a kill now loses the epochs since the last one saved (if any)",
+                  self.rolling.directory, why)
+      return False
     self._last_epoch, self._last_time = epochs_done, time.monotonic()
     return True
 
