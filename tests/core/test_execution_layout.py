@@ -1,6 +1,7 @@
 """The execution layout (tlresearch.core.layout): what a process computes in, and its record."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -63,6 +64,19 @@ def test_the_table_says_which_layout_its_numbers_reproduce_in():
   assert mixed.startswith("The cells ran in 2 execution layouts (cpu, 1 thread per process; "
                           "cpu, 2 threads per process)")
   assert layout.describe(None) == "not recorded"
+  # Since the CPU is recorded, it is part of the line (XLA compiles for its instructions).
+  here = {**one, "cpu": "AMD EPYC, family 25 model 1, no AVX-512"}
+  assert layout.describe(here) == ("cpu (AMD EPYC, family 25 model 1, no AVX-512), 1 thread "
+                                   "per process")
+  assert report.layout_note([{"layout": here}, {"layout": one}])[0].startswith(
+      "The cells ran in 2 execution layouts")
+
+
+def test_the_cpu_is_part_of_the_layout():
+  got = layout.cpu_model()
+  assert got and "\n" not in got
+  if platform.machine() == "x86_64" and os.path.exists("/proc/cpuinfo"):
+    assert "AVX-512" in got and "family" in got
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "1"])

@@ -121,11 +121,16 @@ def _unicode_forms(root):
   _folder(root, classes=("caf\u00e9", "cafe\u0301"))  # é precomposed and decomposed
 
 
+def _newline_in_a_class_name(root):
+  _folder(root, classes=("cat", "do\ng"))
+
+
 # (how the folder is made, expected message): one line, exit 2, nothing trained or written.
 BAD_DATA = [
     (_case_folded, "classes 'Cat' and 'cat' differ only in case or Unicode form"),
     (_one_class, "has 1 class (cat): a classifier needs at least 2"),
     (_unicode_forms, "differ only in case or Unicode form"),
+    (_newline_in_a_class_name, "class folder train/ 'do\\ng' holds a control character"),
 ]
 
 

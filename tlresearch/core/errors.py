@@ -11,9 +11,13 @@ class UserError(Exception):
 
 
 def shown(text) -> str:
-  """`text` as printable text: a byte of a name that is not UTF-8 (which Python keeps as a
-  lone surrogate, "surrogateescape") shows as \\xNN, e.g. caf\\xe9."""
-  return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+  """`text` as printable text on one line: a byte of a name that is not UTF-8 (which Python
+  keeps as a lone surrogate, "surrogateescape") shows as \\xNN, e.g. caf\\xe9, and a control
+  character as its escape (\\n, \\t, \\x1b)."""
+  import unicodedata
+  text = str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+  return "".join(c.encode("unicode_escape").decode("ascii")
+                 if unicodedata.category(c) == "Cc" else c for c in text)
 
 
 def choices(names) -> str:

@@ -218,6 +218,15 @@ def check_utf8(name: str, what: str) -> None:
                     "UTF-8 name")
 
 
+def check_name_text(name: str, what: str) -> None:
+  """`check_utf8`, and UserError when `name` holds a control character (a newline in a class
+  folder's name would split every table row and message line it appears in)."""
+  import unicodedata
+  check_utf8(name, what)
+  if any(unicodedata.category(c) == "Cc" for c in str(name)):
+    raise UserError(f"{what} '{shown(name)}' holds a control character: rename it")
+
+
 def save_figure(fig, path: str) -> None:
   """`fig` as a PNG at `path`, written whole or not at all (a temporary file, renamed), and
   closed."""

@@ -1,11 +1,13 @@
-"""The execution layout a process computes in: backend, device and, on a CPU, its threads.
+"""The execution layout a process computes in: backend, device and, on a CPU, its threads
+and the CPU itself.
 
 Why a layout is part of a result: XLA:CPU splits a convolution's sums across its thread pool,
 sized by the cores the process may run on when its backend starts, so the same program gives
 other float bits under another pool size. Results are bit-identical for the same config,
 code, package versions and layout, which is what XLA, cuDNN and PyTorch promise too; each
 cell records its layout (final.json `layout`, timing.csv) so a table can say when it mixes
-layouts.
+layouts. XLA:CPU also compiles for the host's vector instructions, so the CPU model is part
+of a CPU layout.
 
 Why one thread per process by default (`config.threads = 1`): XLA's intra-op threads gain
 little on these small convolutions, and processes held to one core each, training different
@@ -72,7 +74,8 @@ def pin(threads: int, slot: int = 0, machine: list[int] | None = None) -> None:
 
 
 def current() -> dict:
-  """This process's layout: {"backend", "device", "devices"} and, on a CPU, "threads"."""
+  """This process's layout: {"backend", "device", "devices"} and, on a CPU, "threads" and
+  "cpu" (`cpu_model`)."""
   import jax
   backend = jax.default_backend()
   out = {"backend": backend, "device": jax.devices()[0].device_kind,
@@ -80,14 +83,41 @@ def current() -> dict:
   if backend == "cpu":
     # Without `pin`, the pool is as large as the cores this process may use.
     out["threads"] = _PINNED[0] if _PINNED else len(os.sched_getaffinity(0))
+    out["cpu"] = cpu_model()
   return out
 
 
+def cpu_model() -> str:
+  """The CPU XLA generates code for, e.g. "AMD EPYC, family 25 model 1, no AVX-512": XLA:CPU
+  compiles for the host's instruction set, so the same program gives other float bits on a
+  CPU with other vector instructions (seen: an EPYC without AVX-512 against one with it)."""
+  import platform
+  info = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() and key.strip() not in info:
+          info[key.strip()] = value.strip()
+        if not line.strip() and info:
+          break  # the first processor's block describes them all
+  except OSError:
+    return platform.processor() or platform.machine() or "unknown"
+  name = info.get("model name") or platform.machine() or "unknown"
+  if "cpu family" in info:
+    name += f", family {info['cpu family']} model {info.get('model', '?')}"
+  if "flags" in info:
+    name += ", AVX-512" if "avx512f" in info["flags"].split() else ", no AVX-512"
+  return name
+
+
 def describe(layout: dict | None) -> str:
-  """One line for tables and logs, e.g. "cpu, 1 thread per process"."""
+  """One line for tables and logs, e.g. "cpu (AMD EPYC, family 25 model 1, no AVX-512), 1
+  thread per process" (a layout recorded before the CPU was: "cpu, 1 thread per process")."""
   if not layout:
     return "not recorded"
   if layout["backend"] == "cpu":
     n = layout["threads"]
-    return f"cpu, {n} thread{'s' if n != 1 else ''} per process"
+    cpu = f" ({layout['cpu']})" if layout.get("cpu") else ""
+    return f"cpu{cpu}, {n} thread{'s' if n != 1 else ''} per process"
   return f"{layout['backend']} ({layout['device']} x{layout['devices']})"

@@ -50,18 +50,23 @@ def _found(check: checks_lib.DataCheck, data) -> list[str]:
   out = []
   for key, d in check.duplicates.items():
     later, _, earlier = key.partition("~")
-    what = (f"{later} images that are also {earlier} images" if earlier
-            else f"{later} images that are copies of another {later} image")
+    one = d["count"] == 1
+    what = ((f"{later} image that is also a {earlier} image" if one else
+             f"{later} images that are also {earlier} images") if earlier else
+            f"{later} image{'' if one else 's'} that {'is a copy' if one else 'are copies'} of "
+            f"another {later} image")
     out.append(f"- {d['count']} {what}; first: " + "; ".join(f"`{x}`" for x in d["first"]))
   if check.conflicts["count"]:
-    out.append(f"- {check.conflicts['count']} images under more than one label; first: "
+    n = check.conflicts["count"]
+    out.append(f"- {n} image{'' if n == 1 else 's'} under more than one label; first: "
                + "; ".join(f"`{x}`" for x in check.conflicts["first"]))
   out += [f"- {w}" for w in check.gaps]
   if not out:
     out.append("- no duplicate images within or across splits, no image under two labels, "
                "every class in every split")
   if data.skipped:
-    out.append(f"- {len(data.skipped)} files skipped (not readable images); first: "
+    n = len(data.skipped)
+    out.append(f"- {n} file{'' if n == 1 else 's'} skipped (not readable images); first: "
                + ", ".join(f"`{p}`" for p in data.skipped[:checks_lib.SHOWN]))
   return out
 

@@ -116,7 +116,7 @@ def _read_split(split_dir: str, classes: list[str], size: int | None, name: str,
   present = sorted(d for d in os.listdir(split_dir)
                    if os.path.isdir(os.path.join(split_dir, d)) and not d.startswith("."))
   for c in present:  # class names go into tables, reports and the kept model's card
-    io.check_utf8(c, f"{name}: class folder {os.path.basename(split_dir)}/")
+    io.check_name_text(c, f"{name}: class folder {os.path.basename(split_dir)}/")
   unknown = sorted(set(present) - set(classes))
   if unknown:
     raise UserError(f"{name}: class folder '{unknown[0]}' in {split_dir} is not in train; "
@@ -160,7 +160,7 @@ def load(path: str, opts: DataOptions, size: int | None):
   """(splits dict from `splits.assemble`: split -> (images, labels, files), notes, class
   names, skipped paths) of folder:PATH."""
   name = f"folder:{path}"
-  io.check_utf8(path, "dataset folder")
+  io.check_name_text(path, "dataset folder")
   root = os.path.abspath(os.path.expanduser(path))
   dirs = {}
   for split, candidates in SPLIT_DIRS.items():

@@ -333,7 +333,9 @@ def report(data: Dataset) -> dict:
     log.info("%s", note)
   first = list(data.skipped[:SKIPPED_SHOWN])
   if data.skipped:
-    log.info(f"{data.name}: skipped {len(data.skipped)} files that are not readable images: "
-        + ", ".join(first) + (", ..." if len(data.skipped) > len(first) else ""))
+    n = len(data.skipped)
+    what = "file that is not a readable image" if n == 1 else "files that are not readable images"
+    log.info(f"{data.name}: skipped {n} {what}: " + ", ".join(first)
+             + (", ..." if n > len(first) else ""))
   return {"skipped_files": {"count": len(data.skipped), "first": first},
           "data_notes": list(data.notes)}
