@@ -6,27 +6,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Keras runs on JAX, as tlresearch imports it (models/keras_import.py): no TensorFlow needed.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import tempfile
-
 import ml_collections
 import pytest
 
 from tlresearch.core import layout, schema
 from tlresearch.data import synthetic
-from tlresearch.training import programs
 
 # The tests train in the default execution layout (one thread per process), as the command's
 # own process and its workers do: a result in this process is bitwise a worker's. Under
 # pytest-xdist each test process holds a core of its own.
 layout.pin(schema.sweep().threads, slot=int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]))
-
-# One persistent compilation cache for the whole suite (both test processes, and the slow
-# group after the default run): much of the suite's time is XLA compiling the same tiny
-# programs again in every process. A cached program is the same program, so no result
-# changes. JAX opens its cache once per process, at the first compile: a sweep run inside
-# a test that names another cache_dir keeps this one.
-programs.use_compile_cache(os.path.join(
-    os.environ.get("TLRESEARCH_CACHE_DIR") or tempfile.gettempdir(), "jax_compilation_cache_tests"))
 
 
 def make_dataset(n_train=48, n_val=16, n_test=16, classes=4, seed=0, size=16):
