@@ -133,8 +133,8 @@ def _read_split(split_dir: str, classes: list[str], size: int | None, name: str,
     paths += files
     labels += [label] * len(files)
   images = list(pool.map(lambda p: _decode(p, size), paths))
-  # File names are read as the OS gives them, and recorded as text (\\xNN for a byte that
-  # is not UTF-8): they are only shown.
+  # File names are read as the OS gives them and recorded as shown text (\xNN for a byte
+  # that is not UTF-8): the records only name files, they never open them.
   skipped = [io.shown(p) for p, im in zip(paths, images) if im is None]
   ok = [i for i, im in enumerate(images) if im is not None]
   read = np.bincount(np.asarray(labels, np.int64)[ok], minlength=len(classes))
@@ -186,8 +186,9 @@ def load(path: str, opts: DataOptions, size: int | None):
                       "all, e.g. --config.model.input_size=32")
   splits, notes = assemble({s: a for s, a in arrays.items() if len(a[0])}, opts, name)
   if walk.links:
-    notes = [f"{name}: {len(walk.links)} links not followed or files counted once: "
-             + "; ".join(io.shown(s) for s in walk.links[:3]) + ("; ..." if len(walk.links) > 3 else "")] + list(notes)
+    shown = "; ".join(io.shown(s) for s in walk.links[:3])
+    notes = [f"{name}: {len(walk.links)} links not followed or files counted once: {shown}"
+             + ("; ..." if len(walk.links) > 3 else "")] + list(notes)
   return splits, notes, tuple(classes), skipped
 
 
