@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 
-from tlresearch.core.errors import UserError, shown  # noqa: F401 - shown: for io's callers
+from tlresearch.core.errors import UserError, shown
 
 
 def _umask() -> int:

@@ -18,6 +18,7 @@ many workers trained it. `threads = 0`: every core the process may use, in XLA's
 """
 from __future__ import annotations
 
+import functools
 import os
 
 from tlresearch.core.errors import UserError
@@ -87,6 +88,7 @@ def current() -> dict:
   return out
 
 
+@functools.cache
 def cpu_model() -> str:
   """The CPU XLA generates code for, e.g. "AMD EPYC, family 25 model 1, no AVX-512": XLA:CPU
   compiles for the host's instruction set, so the same program gives other float bits on a

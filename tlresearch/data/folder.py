@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tlresearch.core import io
-from tlresearch.core.errors import UserError
+from tlresearch.core.errors import UserError, shown
 from tlresearch.data.images import resize_pil
 from tlresearch.data.splits import assemble, DataOptions
 
@@ -135,7 +135,7 @@ def _read_split(split_dir: str, classes: list[str], size: int | None, name: str,
   images = list(pool.map(lambda p: _decode(p, size), paths))
   # File names are read as the OS gives them and recorded as shown text (\xNN for a byte
   # that is not UTF-8): the records only name files, they never open them.
-  skipped = [io.shown(p) for p, im in zip(paths, images) if im is None]
+  skipped = [shown(p) for p, im in zip(paths, images) if im is None]
   ok = [i for i, im in enumerate(images) if im is not None]
   read = np.bincount(np.asarray(labels, np.int64)[ok], minlength=len(classes))
   for label, c in enumerate(classes):
@@ -152,7 +152,7 @@ def _read_split(split_dir: str, classes: list[str], size: int | None, name: str,
                     "--config.model.input_size=32")
   x = np.stack([images[i] for i in ok]) if ok else np.zeros((0, size or 1, size or 1, 3),
                                                                np.uint8)
-  files = np.asarray([io.shown(paths[i]) for i in ok], dtype=object)
+  files = np.asarray([shown(paths[i]) for i in ok], dtype=object)
   return (x, np.asarray(labels, np.int32)[ok], files), skipped
 
 
@@ -186,8 +186,8 @@ def load(path: str, opts: DataOptions, size: int | None):
                       "all, e.g. --config.model.input_size=32")
   splits, notes = assemble({s: a for s, a in arrays.items() if len(a[0])}, opts, name)
   if walk.links:
-    shown = "; ".join(io.shown(s) for s in walk.links[:3])
-    notes = [f"{name}: {len(walk.links)} links not followed or files counted once: {shown}"
+    links = "; ".join(shown(s) for s in walk.links[:3])
+    notes = [f"{name}: {len(walk.links)} links not followed or files counted once: {links}"
              + ("; ..." if len(walk.links) > 3 else "")] + list(notes)
   return splits, notes, tuple(classes), skipped
 

@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tlresearch.core import io
-from tlresearch.core.errors import choices, UserError
+from tlresearch.core.errors import choices, shown, UserError
 from tlresearch.data import folder
 from tlresearch.data.images import resize_pil
 
@@ -204,7 +204,7 @@ def csv_text(results, k: int) -> str:
   writer = csv.writer(buf, lineterminator="\n")
   writer.writerow(["path"] + [f"rank{i}_{c}" for i in range(1, k + 1) for c in ("label", "prob")])
   for path, labels in results:
-    writer.writerow([io.shown(path)] + [x for label, p in labels for x in (label, f"{p:.6f}")])
+    writer.writerow([shown(path)] + [x for label, p in labels for x in (label, f"{p:.6f}")])
   return buf.getvalue()
 
 
@@ -253,9 +253,9 @@ def main(argv: list[str]) -> int:
   t0 = time.perf_counter()
   for res, skip in batches(model, files, top_k, batch_size):
     for path in skip:
-      print(f"skipped: {io.shown(path)} (not a readable image)", file=sys.stderr)
+      print(f"skipped: {shown(path)} (not a readable image)", file=sys.stderr)
     for path, labels in res:
-      print(io.shown(path) + "".join(f"\t{label} {p:.3f}" for label, p in labels))
+      print(shown(path) + "".join(f"\t{label} {p:.3f}" for label, p in labels))
     results += res
     skipped += skip
   seconds = time.perf_counter() - t0

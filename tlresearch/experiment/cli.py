@@ -35,7 +35,7 @@ import pkgutil
 import sys
 
 from tlresearch.core import io
-from tlresearch.core.errors import UserError, choices
+from tlresearch.core.errors import UserError, choices, shown
 
 USAGE = ("usage: python -m tlresearch.run --experiment=NAME [--workdir=DIR] [--results_dir=DIR] "
          "[--overwrite] [--no_progress] [--task_index=I --num_tasks=N | --merge] "
@@ -359,10 +359,10 @@ def cli() -> None:
   try:
     code = main(sys.argv[1:])
   except UserError as e:
-    print(f"error: {io.shown(e)}", file=sys.stderr)
+    print(f"error: {shown(e)}", file=sys.stderr)
     code = 2
   except OSError as e:  # a full disk, a folder that became read-only, ...: the machine said no
-    print(f"error: {io.shown(io.os_error_line(e))}", file=sys.stderr)
+    print(f"error: {shown(io.os_error_line(e))}", file=sys.stderr)
     code = 3
   except KeyboardInterrupt as e:
     # Finished cells and each cell's latest checkpoint stay: the same command resumes.

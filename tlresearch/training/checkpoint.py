@@ -54,6 +54,11 @@ def save(path: str, tree, meta: dict | None = None) -> None:
     io.write_json(os.path.join(tmp, "meta.json"), {**(meta or {}), "checksum": checksum(tree)})
 
 
+def _first_line(e: Exception) -> str:
+  """An exception's first line (Orbax and TensorStore raise long multi-line messages)."""
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def read_meta(path: str) -> dict:
   try:
     return io.read_json(os.path.join(path, "meta.json"))
@@ -72,7 +77,7 @@ def restore(path: str, target=None) -> tuple[object, dict]:
   try:
     tree = ocp.StandardCheckpointer().restore(os.path.join(path, "arrays"), target)
   except Exception as e:  # Orbax/TensorStore raise many types for damaged files
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = _first_line(e)
     raise CheckpointError(f"checkpoint {path} cannot be read ({first[:200]})") from None
   if checksum(tree) != meta.get("checksum"):
     raise CheckpointError(f"checkpoint {path} is corrupted: its arrays do not match the "
@@ -169,8 +174,7 @@ class FitCheckpointer:
                                             "epochs_done": epochs_done})
     except Exception as e:  # noqa: BLE001 - OSError, or whatever Orbax/TensorStore raise
       self._failed[0] = True
-      why = io.os_error_line(e) if isinstance(e, OSError) else (
-          str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
+      why = io.os_error_line(e) if isinstance(e, OSError) else _first_line(e)[:200]
       log.warning("%s: a checkpoint could not be written (%s): the cell goes on and saves "
                   "no more, so a kill now loses the epochs since the last one saved (if any)",
                   self.rolling.directory, why)
